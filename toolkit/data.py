@@ -103,7 +103,8 @@ def decode_image(path: Path) -> tuple[np.ndarray, np.ndarray]:
         with Image.open(path) as img:
             img.load()
             rgb = image_to_rgb_array(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError,
+            ValueError) as err:
         raise DataError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
     if rgb.shape[0] < 1 or rgb.shape[1] < 1:
         raise DataError(f"{path}: image has no pixels")
@@ -121,8 +122,7 @@ def read_labels(folder: Path) -> list[tuple[str, str]]:
     labels_path = folder / "labels.csv"
     if not labels_path.is_file():
         raise DataError(f"{labels_path}: labels.csv is missing")
-    with open(labels_path, newline="", encoding="utf-8-sig") as f:
-        lines = f.read().splitlines()
+    lines = _labels_lines(labels_path)
     if not lines or not lines[0].strip():
         raise DataError(f"{labels_path}: file is empty (expected header 'name;label')")
     header = lines[0].strip()
@@ -154,6 +154,22 @@ def read_labels(folder: Path) -> list[tuple[str, str]]:
         more = f" and {len(unlabelled) - 1} more" if len(unlabelled) > 1 else ""
         raise DataError(f"{folder / unlabelled[0]}: image has no row in labels.csv{more}")
     return rows
+
+
+def _labels_lines(labels_path: Path) -> list[str]:
+    try:
+        with open(labels_path, newline="", encoding="utf-8-sig") as f:
+            return f.read().splitlines()
+    except UnicodeDecodeError as err:
+        raise DataError(f"{labels_path}: not UTF-8 text (bad byte at offset {err.start})") from None
+
+
+def _line_of_name(labels_path: Path, name: str) -> int:
+    """1-based line of the first row naming ``name`` (blank lines counted, as editors do)."""
+    for lineno, row in enumerate(csv.reader(_labels_lines(labels_path), delimiter=";"), start=1):
+        if lineno > 1 and row and row[0].strip() == name:
+            return lineno
+    return 0
 
 
 def list_images(folder: Path) -> list[str]:
@@ -227,8 +243,9 @@ def load_course_folder(folder: str | Path, classes: list[str] | None = None,
         classes = found
     unknown = sorted(set(found) - set(classes))
     if unknown:
-        line = next(i for i, (_, lab) in enumerate(rows, start=2) if lab == unknown[0])
-        raise DataError(f"{folder / 'labels.csv'}:{line}: unknown class {unknown[0]!r} "
+        name = next(n for n, lab in rows if lab == unknown[0])
+        line = _line_of_name(folder / "labels.csv", name)
+        raise DataError(f"{folder / 'labels.csv'}:{line}: unknown class {unknown[0]!r} for {name!r} "
                         f"(known: {', '.join(classes)})")
     class_id = {c: i for i, c in enumerate(classes)}
     labels = torch.tensor([class_id[lab] for _, lab in rows], dtype=torch.int64)

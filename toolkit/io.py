@@ -36,6 +36,19 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
     return path
 
 
+def ensure_writable_dir(folder: str | Path) -> Path:
+    """Create ``folder`` if needed; PermissionError naming it unless files can be written there.
+    Lets a long run fail at its start rather than when it saves its result."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except PermissionError:
+        raise PermissionError(f"{folder}: output folder cannot be created (permission denied)") from None
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f"{folder}: output folder is not writable")
+    return folder
+
+
 def atomic_save(obj: Any, path: str | Path) -> Path:
     """torch.save through a temp file + rename."""
     return atomic_write(path, lambda f: torch.save(obj, f))

@@ -1,0 +1,222 @@
+"""Distil the teacher ensemble into the student MyCNN; writes only its state_dict to model.pth.
+
+    python distill.py --data ../shared/data/training_data            # teachers/ -> model.pth
+    python distill.py --scratch --out runs/scratch/model.pth          # hard-label control
+    torchrun --nproc_per_node=2 distill.py ...                        # DDP
+
+Cached mode (default): the ensemble's probabilities on K fixed views of every image
+(identity, mirror, shifted crops) are computed once and stored (N, K, C) in fp16; the student
+is trained on exactly those views of the server's grey image, so its targets always match
+what it sees (Beyer et al. 2022, "patient and consistent"; FKD, Shen & Xing 2021). Each image
+is labelled by the teachers that never trained on it (out-of-fold targets).
+Online mode: the teachers run on the student's own augmented batch (mixup/cutmix allowed).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from toolkit.augment import apply_views, mixup_cutmix, random_view_params, sample_view_params
+from toolkit.config import parse_config
+from toolkit.data import ClassBalancedSampler, DataError, load_course_folder, stratified_folds
+from toolkit.engine import (Trainer, epoch_index_batches, init_distributed, make_optimizer, run_info,
+                            save_run_config, seed_everything, warmup_cosine)
+from toolkit.io import atomic_save, atomic_write_json, ensure_writable_dir
+from toolkit.losses import dist_loss, kd_loss, label_smoothing_ce, soft_cross_entropy
+from toolkit.student import ContractError, check_state_dict_matches, exec_architecture
+from toolkit.teachers import (Ensemble, TeacherError, combine_view_targets, find_teacher_folders, fit_temperature,
+                              load_teacher, oof_teacher_mask, predict_logits, teacher_view_logits)
+
+
+@dataclass
+class DistillConfig:
+    """Distil the teacher ensemble into MyCNN (architecture.py)."""
+    data: str = "../shared/data/training_data"
+    teachers: list[str] = field(default_factory=list)  # teacher folders; default: all under teachers/
+    teachers_root: str = "teachers"
+    arch: str = "architecture.py"
+    out: str = "model.pth"
+    work_dir: str = "runs/distill"   # checkpoints, logs, resolved config
+    combine: str = "mean_probs"      # mean_probs | mean_logits
+    teacher_weights: list[float] = field(default_factory=list)
+    calibrate: bool = False          # fit the ensemble's temperature on the val fold
+    mode: str = "cached"             # cached | online
+    views: int = 4                   # cached views per image (0: identity, 1: mirror, rest shifted)
+    max_shift: int = 8
+    view_seed: int = 0               # the teachers' seed: the same views reuse their trunk cache
+    loss: str = "kd"                 # kd | dist
+    temperature: float = 2.0
+    alpha: float = 0.1               # weight of the hard-label CE in KD
+    oof: bool = True                 # out-of-fold targets when teachers are fold teachers
+    scratch: bool = False            # control: same student and recipe on hard labels only
+    label_smoothing: float = 0.1     # for --scratch
+    mixup: float = 0.0               # online mode only
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 2e-3                 # per 256 images (AdamW)
+    optimizer: str = "adamw"
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    ema_decay: float = 0.999
+    balance_power: float = 0.5       # class-balanced sampling: class drawn ~ n_c ** power
+    folds: int = 5
+    val_fold: int = 0                # held-out fold for val metrics; -1 trains on everything
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True                 # CUDA only
+    checkpoint_every: int = 200
+    resume: bool = False
+
+
+def main(argv=None) -> dict:
+    cfg = parse_config(DistillConfig, argv)
+    env, device = init_distributed(cfg.device)
+    seed_everything(cfg.seed)
+    work = Path(cfg.work_dir)
+    if env.is_main:  # fail now, not after hours of training, when the results cannot be written
+        ensure_writable_dir(Path(cfg.out).parent)
+        ensure_writable_dir(work)
+
+    # --- student first: a config that does not fit architecture.py fails before any work ---
+    student = exec_architecture(cfg.arch)["model"]
+    check_state_dict_matches(student.state_dict(), cfg.arch)
+    student.to(device)
+
+    # --- teachers and data ---------------------------------------------------------------
+    teachers = []
+    if not cfg.scratch:
+        folders = cfg.teachers or [str(p) for p in find_teacher_folders(cfg.teachers_root)]
+        if not folders:
+            raise TeacherError(f"{cfg.teachers_root}: no teachers found (train some with train_teacher.py, "
+                               "or pass --teachers DIR ..., or --scratch)")
+        teachers = [load_teacher(f, device) for f in folders]
+        ensemble = Ensemble(teachers, cfg.combine, cfg.teacher_weights or None)
+    data = load_course_folder(cfg.data, classes=teachers[0].classes if teachers else None, progress=env.is_main)
+    folds = stratified_folds(data.labels, cfg.folds, cfg.seed)
+    train_idx = (folds != cfg.val_fold).nonzero().flatten()
+    val_idx = (folds == cfg.val_fold).nonzero().flatten()
+    sampler = ClassBalancedSampler(data.labels, train_idx, cfg.balance_power, seed=cfg.seed,
+                                   rank=env.rank, world_size=env.world_size)
+    with torch.no_grad():  # one logit per class, or KD fails mid-run (and scratch trains garbage)
+        n_out = student.eval()(torch.zeros(2, 1, 100, 100, device=device)).shape[-1]
+    if n_out != len(data.classes):
+        raise ContractError(f"{cfg.arch}: the student outputs {n_out} classes, but the "
+                            f"{'data' if cfg.scratch else 'teachers'} have {len(data.classes)} "
+                            f"({', '.join(data.classes)})")
+
+    # --- cached soft targets: (N, K, C) ensemble probabilities on K views ----------------
+    view_params = sample_view_params(len(data), cfg.views, cfg.max_shift, cfg.view_seed)
+    provenance_teachers = []
+    if teachers and cfg.mode == "cached":
+        t0 = time.time()
+        member_logits = torch.stack([teacher_view_logits(t, data.rgb, view_params, data.fingerprint, device=device)
+                                     for t in teachers])                              # (M, N, K, C)
+        mask = oof_teacher_mask(teachers, folds, data.labels) if cfg.oof else torch.ones(len(teachers), len(data), dtype=torch.bool)
+        # Per image, the ensemble of the teachers allowed to label it: zero weight elsewhere.
+        targets = combine_view_targets(member_logits, ensemble.weights, mask, cfg.combine)  # (N, K, C)
+        val_logp = ensemble.combine_logits(member_logits[:, val_idx, 0])
+        if cfg.calibrate and len(val_idx):
+            ensemble.temperature = fit_temperature(val_logp, data.labels[val_idx])
+            targets = (targets.log() / ensemble.temperature).softmax(-1)
+            val_logp = ensemble.combine_logits(member_logits[:, val_idx, 0])
+        targets = targets.half()
+        ens_metrics = {"ensemble_val_acc": (val_logp.argmax(1) == data.labels[val_idx]).float().mean().item()
+                       if len(val_idx) else None,
+                       "target_train_acc": (targets[train_idx, 0].argmax(1) == data.labels[train_idx]).float().mean().item(),
+                       "oof_fraction": float((~mask.all(0))[train_idx].float().mean()),
+                       "target_seconds": round(time.time() - t0, 1)}
+        for t_i, t in enumerate(teachers):
+            acc = (member_logits[t_i, val_idx, 0].argmax(1) == data.labels[val_idx]).float().mean().item() \
+                if len(val_idx) else None
+            provenance_teachers.append({"folder": t.folder, "model": t.model_name, "own_metrics": t.metrics,
+                                        "val_acc_on_student_val": acc})
+        if env.is_main:
+            print(f"soft targets {tuple(targets.shape)}: {ens_metrics}", flush=True)
+    elif teachers:  # online: the same record, the ensemble scored on the identity view of val
+        val_member = torch.stack([predict_logits(t, data.rgb[val_idx], device=device) for t in teachers]) \
+            if len(val_idx) else None
+        ens_metrics = {"ensemble_val_acc": (ensemble.combine_logits(val_member).argmax(1) == data.labels[val_idx])
+                       .float().mean().item() if len(val_idx) else None}
+        for t_i, t in enumerate(teachers):
+            acc = (val_member[t_i].argmax(1) == data.labels[val_idx]).float().mean().item() if len(val_idx) else None
+            provenance_teachers.append({"folder": t.folder, "model": t.model_name, "own_metrics": t.metrics,
+                                        "val_acc_on_student_val": acc})
+    else:
+        ens_metrics = {}
+
+    # --- optimisation --------------------------------------------------------------------
+    steps_per_epoch = len(epoch_index_batches(sampler, 0, cfg.batch_size))
+    optimizer = make_optimizer(student.parameters(), cfg.optimizer, cfg.lr * cfg.batch_size / 256, cfg.weight_decay)
+    scheduler = warmup_cosine(optimizer, cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch))
+    trainer = Trainer(student, optimizer, scheduler, work, cfg.epochs, cfg.seed, env, device, cfg.ema_decay,
+                      cfg.checkpoint_every, amp=cfg.amp and device.type == "cuda", desc="student")
+    if cfg.resume and trainer.resume() and env.is_main:
+        print(f"resumed {work} at epoch {trainer.epoch + 1}, step {trainer.global_step}", flush=True)
+
+    def kd(logits, probs, y):
+        if cfg.loss == "dist":
+            return dist_loss(logits, probs, T=cfg.temperature)
+        return kd_loss(logits, probs, y, T=cfg.temperature, alpha=cfg.alpha)
+
+    def loss_fn(net, idx, gen):
+        y = data.labels[idx].to(device)
+        if cfg.scratch or cfg.mode == "cached":
+            k = torch.randint(0, cfg.views, (len(idx),), generator=gen)
+            params = view_params[idx, k].long()
+            x = apply_views(data.grey[idx], params).to(device).float() / 255      # (B, 1, 100, 100)
+            if cfg.scratch:
+                return {"loss": label_smoothing_ce(net(x), y, cfg.label_smoothing)}
+            return kd(net(x), targets[idx, k].float().to(device), y)
+        # online: teachers see the RGB of the very view (and mix) the student sees
+        params = random_view_params(len(idx), cfg.max_shift, generator=gen)
+        both = torch.cat([apply_views(data.rgb[idx], params), apply_views(data.grey[idx], params)], 1)
+        both = both.to(device).float() / 255                                       # (B, 4, H, W)
+        if cfg.mixup > 0:
+            both, _ = mixup_cutmix(both, y, len(data.classes), cfg.mixup, 0.0, gen)
+        with torch.no_grad():
+            probs = ensemble(both[:, :3]).exp()
+        logits = net(both[:, 3:])
+        return kd(logits, probs, None if cfg.mixup > 0 else y) if cfg.loss == "dist" or cfg.mixup == 0 \
+            else {"loss": soft_cross_entropy(logits / cfg.temperature, probs)}
+
+    @torch.no_grad()
+    def evaluate(net):
+        if len(val_idx) == 0:
+            return {}
+        net.eval()  # eval mode = what the server runs (flip TTA, chunks)
+        logits = net(data.grey[val_idx].to(device).float() / 255).cpu()
+        y = data.labels[val_idx]
+        return {"val_acc": (logits.argmax(1) == y).float().mean().item(),
+                "val_nll": F.cross_entropy(logits, y).item()}
+
+    t0 = time.time()
+    history = trainer.fit(lambda e: epoch_index_batches(sampler, e, cfg.batch_size), loss_fn, evaluate)
+
+    # --- save: only the student's state_dict, atomically; provenance beside it -----------
+    if not env.is_main:
+        return {}
+    state = {k: v.cpu() for k, v in trainer.eval_model.state_dict().items()}
+    check_state_dict_matches(state, cfg.arch)
+    atomic_save(state, cfg.out)
+    val = {k: v for k, v in history[-1].items() if k.startswith("val_")} if history else {}
+    provenance = {"model": cfg.out, "architecture": cfg.arch, "classes": data.classes,
+                  "recipe": "scratch" if cfg.scratch else f"{cfg.mode} {cfg.loss}",
+                  "teachers": provenance_teachers, "ensemble": ens_metrics, "student_val": val,
+                  "train_seconds": round(time.time() - t0, 1), "val_fold": cfg.val_fold,
+                  "val_images": len(val_idx), "config": asdict(cfg),
+                  "run": run_info(cfg.seed, data.fingerprint)}
+    atomic_write_json(provenance, Path(cfg.out).with_suffix(".provenance.json"))
+    save_run_config(work, asdict(cfg), provenance["run"])
+    print(f"student saved to {cfg.out}: {val} ensemble: {ens_metrics}", flush=True)
+    return provenance
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (DataError, PermissionError) as err:  # TeacherError and ContractError are DataErrors too
+        raise SystemExit(f"error: {err}")

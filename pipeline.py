@@ -1,0 +1,97 @@
+"""The default recipe end to end: k fold teachers -> distillation -> model.pth -> report.
+
+    python pipeline.py --data ../shared/data/training_data     (./run.sh does set-up + this)
+
+Why this recipe (measured on this 2-core CPU, see README):
+  * teachers: EfficientNet-Lite0 from offline ImageNet weights, RGB 160 px, stem + 5 stages
+    frozen and their features computed once for 4 views of every image, so the trunk's cost
+    is paid once and shared by all folds' teachers and by the soft-target pass;
+  * one teacher per fold of a 5-fold split: each labels the fold it never saw, because
+    soft labels a teacher gives its own training images are over-confident;
+  * the student (architecture.py) learns from those out-of-fold ensemble targets on exactly
+    the views they were computed for, with class-balanced sampling.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import distill
+import train_teacher
+from toolkit.config import parse_config
+from toolkit.data import DataError, load_course_folder
+from toolkit.io import atomic_write_json
+
+
+@dataclass
+class PipelineConfig:
+    """Run the whole default recipe: teachers -> distillation -> model.pth -> report."""
+    data: str = "../shared/data/training_data"
+    teachers_root: str = "teachers"
+    teacher_model: str = "efficientnet_lite0"
+    pretrained: str = "offline"
+    teacher_epochs: int = 6
+    folds: int = 5
+    views: int = 4
+    student_epochs: int = 30
+    seed: int = 0
+    out: str = "model.pth"
+    work_dir: str = "runs/pipeline"
+    report_dir: str = "reports/pipeline"
+    reuse_teachers: bool = True      # keep fold teachers that already exist under teachers_root
+    report: bool = True
+
+
+def main(argv=None) -> dict:
+    cfg = parse_config(PipelineConfig, argv)
+    work = Path(cfg.work_dir)
+    timings: dict[str, float] = {}
+
+    def stage(name, fn):
+        print(f"\n=== {name}", flush=True)
+        t0 = time.time()
+        result = fn()
+        timings[name] = round(time.time() - t0, 1)
+        print(f"=== {name}: {timings[name]:.0f} s", flush=True)
+        return result
+
+    stage("decode data (cached)", lambda: load_course_folder(cfg.data))
+    for fold in range(cfg.folds):
+        folder = Path(cfg.teachers_root) / f"{cfg.teacher_model.replace('efficientnet_', '')}_f{fold}"
+        if cfg.reuse_teachers and (folder / "teacher.pth").is_file():
+            print(f"reusing teacher {folder}", flush=True)
+            continue
+        stage(f"teacher fold {fold}", lambda: train_teacher.main([
+            "--data", cfg.data, "--model", cfg.teacher_model, "--pretrained", cfg.pretrained,
+            "--epochs", str(cfg.teacher_epochs), "--views", str(cfg.views), "--folds", str(cfg.folds),
+            "--fold", str(fold), "--seed", str(cfg.seed), "--out", str(folder)]))
+    stage("distil student", lambda: distill.main([
+        "--data", cfg.data, "--teachers-root", cfg.teachers_root, "--views", str(cfg.views),
+        "--folds", str(cfg.folds), "--val-fold", "-1", "--epochs", str(cfg.student_epochs),
+        "--seed", str(cfg.seed), "--view-seed", str(cfg.seed), "--out", cfg.out,
+        "--work-dir", str(work / "distill")]))
+    if cfg.report:
+        from toolkit import evaluate
+        from toolkit.teachers import find_teacher_folders
+        # In-sample for the shipped student (it trained on every image): scripts/heldout_estimate.sh
+        # gives the honest held-out figures.
+        teacher_dirs = [str(p) for p in find_teacher_folders(cfg.teachers_root)]
+        stage("evaluation report", lambda: evaluate.main([
+            "report", "--data", cfg.data, "--weights", cfg.out, "--out", cfg.report_dir,
+            "--teachers", *teacher_dirs]))
+
+    timings["total"] = round(sum(timings.values()), 1)
+    atomic_write_json({"config": asdict(cfg), "seconds": timings}, work / "timings.json")
+    print("\nstage                          seconds")
+    for name, seconds in timings.items():
+        print(f"{name:<30} {seconds:>7.0f}")
+    return timings
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DataError as err:
+        raise SystemExit(f"error: {err}")

@@ -1,0 +1,246 @@
+"""Shared builders for the distillation tests (tests/test_distill.py, tests/test_reliability.py).
+
+Everything is tiny so that end-to-end runs take seconds on a loaded 2-core CPU:
+  * a course folder of small solid-colour JPEGs (classes differ by colour, so a model learns);
+  * a student architecture file: architecture.py itself with its last line replaced by a
+    narrow 3-class MyCNN (``--arch`` of distill.py);
+  * teachers on timm's ``test_efficientnet`` (100k parameters) at 32x32 input, either built
+    directly (random weights, any fold config) or trained for one epoch by train_teacher.py.
+"""
+from __future__ import annotations
+
+import io
+import os
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+CLASSES = ("book", "car", "cat")
+COLOURS = {"book": (200, 40, 40), "car": (40, 190, 40), "cat": (40, 40, 210), "dog": (200, 200, 40)}
+TINY_TEACHER = "test_efficientnet"
+TINY_SIZE = 32
+
+
+# ----------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------
+def make_course_folder(folder: Path, counts: dict[str, int] | None = None, size: tuple[int, int] = (60, 48),
+                       seed: int = 0) -> Path:
+    """A course folder: numbered JPEGs + labels.csv (``name;label``). ``counts``: images per
+    class (default 12 each of book/car/cat). Each class has its own colour plus noise, and a
+    bright square at a random place, so classes are separable but images differ."""
+    counts = counts if counts is not None else {c: 12 for c in CLASSES}
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows, n = [], 0
+    for cls, count in counts.items():
+        for _ in range(count):
+            w, h = size
+            img = np.empty((h, w, 3), np.float64)
+            img[:] = COLOURS[cls]
+            img += rng.normal(0, 12, img.shape)
+            y, x = rng.integers(0, h - 12), rng.integers(0, w - 12)
+            img[y:y + 12, x:x + 12] = 250
+            name = f"{n:04d}.jpg"
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / name, quality=95)
+            rows.append(f"{name};{cls}")
+            n += 1
+    (folder / "labels.csv").write_text("name;label\n" + "\n".join(rows) + "\n")
+    return folder
+
+
+# ----------------------------------------------------------------------------------------
+# Student
+# ----------------------------------------------------------------------------------------
+def write_arch(path: Path, num_classes: int = 3, widths: tuple = (8, 16, 16, 16)) -> Path:
+    """architecture.py with ``model = MyCNN(...)`` replaced by a narrow ``num_classes`` model."""
+    text = (ROOT / "architecture.py").read_text()
+    new, n = re.subn(r"^model = MyCNN\(.*\)\s*$", f"model = MyCNN(num_classes={num_classes}, widths={tuple(widths)})",
+                     text, flags=re.M)
+    assert n == 1, "architecture.py no longer ends with 'model = MyCNN(...)'"
+    path = Path(path)
+    path.write_text(new)
+    return path
+
+
+def student_state(arch: Path, seed: int = 123) -> dict:
+    """A complete, valid state_dict for ``arch`` (e.g. a sentinel model.pth)."""
+    from toolkit.student import exec_architecture
+    torch.manual_seed(seed)
+    return exec_architecture(arch)["model"].state_dict()
+
+
+def file_bytes(path: Path) -> bytes | None:
+    path = Path(path)
+    return path.read_bytes() if path.exists() else None
+
+
+def tmp_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in Path(folder).iterdir() if p.name.endswith(".tmp")) if Path(folder).is_dir() else []
+
+
+# ----------------------------------------------------------------------------------------
+# Teachers
+# ----------------------------------------------------------------------------------------
+def build_tiny_teacher(folder: Path, classes=CLASSES, config: dict | None = None, seed: int = 0,
+                       mode: str = "rgb") -> Path:
+    """A random-weight tiny teacher saved with save_teacher. ``config`` is what load_teacher /
+    teacher_saw / oof_teacher_mask read (fold, folds, exclude_folds, seed, ...)."""
+    from toolkit.teachers import build_teacher, save_teacher
+    torch.manual_seed(seed)
+    teacher = build_teacher(TINY_TEACHER, list(classes), mode, TINY_SIZE, pretrained="none")
+    config = {"fold": -1, "folds": 3, "exclude_folds": [], "seed": 0, **(config or {})}
+    save_teacher(folder, teacher, config, {"val_acc": None}, "none")
+    return Path(folder)
+
+
+def train_tiny_teacher(data: Path, out: Path, fold: int = 0, folds: int = 3, seed: int = 0, views: int = 2,
+                       max_shift: int = 8, frozen_stages: int = 0, extra: list[str] | None = None) -> Path:
+    """One epoch of train_teacher.py on ``test_efficientnet`` (needs TOOLKIT_CACHE set).
+    ``frozen_stages`` > 0 trains on the cached frozen-trunk features of ``views`` views."""
+    import train_teacher
+    argv = ["--data", str(data), "--out", str(out), "--model", TINY_TEACHER, "--pretrained", "none",
+            "--input-size", str(TINY_SIZE), "--epochs", "1", "--batch-size", "16", "--folds", str(folds),
+            "--fold", str(fold), "--seed", str(seed), "--views", str(views), "--max-shift", str(max_shift),
+            "--frozen-stages", str(frozen_stages), "--checkpoint-every", "0", "--device", "cpu",
+            "--no-trivial-augment"]
+    if frozen_stages == 0:
+        argv.append("--no-trunk-cache")
+    train_teacher.main(argv + (extra or []))
+    return Path(out)
+
+
+def distill_argv(data: Path, arch: Path, out: Path, work: Path, teachers=(), **flags) -> list[str]:
+    """distill.py flags for a tiny run; keyword flags override (``views=2`` -> ``--views 2``,
+    True -> ``--flag``, False -> ``--no-flag``)."""
+    base = {"views": 2, "epochs": 2, "batch_size": 8, "folds": 3, "val_fold": 0, "device": "cpu",
+            "checkpoint_every": 0, "lr": 0.3, "warmup_epochs": 0.5}
+    base.update(flags)
+    argv = ["--data", str(data), "--arch", str(arch), "--out", str(out), "--work-dir", str(work)]
+    if teachers:
+        argv += ["--teachers", *map(str, teachers)]
+    for key, value in base.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value is False:
+            argv.append("--no-" + key.replace("_", "-"))
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def subprocess_env(cache: Path) -> dict:
+    env = dict(os.environ, TOOLKIT_CACHE=str(cache), PYTHONUNBUFFERED="1")
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("LOCAL_RANK", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def read_state(path: Path) -> dict:
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    assert isinstance(blob, dict) and all(torch.is_tensor(v) for v in blob.values())
+    return blob
+
+
+def serialise(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------------------
+# Killing a run at a chosen point
+# ----------------------------------------------------------------------------------------
+# Runs distill.py as __main__ (exactly as `python distill.py ...`), with one hook that, at the
+# chosen point, writes the process id to a marker file and blocks; the test then SIGKILLs it.
+# Points: "targets:M"  the M-th teacher's target computation (before any checkpoint);
+#         "step:S"     just before training step S (global_step == S);
+#         "replace:NAME:J"  inside the J-th atomic write of NAME, after its temp file is
+#                      complete and before the rename (os.replace) that publishes it.
+KILL_WRAPPER = r'''
+import os, sys, time, runpy
+from pathlib import Path
+root, marker, point = sys.argv[1], Path(sys.argv[2]), sys.argv[3].split(":")
+sys.path.insert(0, root)
+counts = {}
+
+def pause():
+    marker.write_text(str(os.getpid()))
+    while True:
+        time.sleep(0.05)
+
+if point[0] == "targets":
+    import toolkit.teachers as T
+    real_tvl = T.teacher_view_logits
+    def teacher_view_logits(*a, **k):
+        counts["t"] = counts.get("t", 0) + 1
+        if counts["t"] == int(point[1]):
+            pause()
+        return real_tvl(*a, **k)
+    T.teacher_view_logits = teacher_view_logits
+elif point[0] == "step":
+    import toolkit.engine as E
+    real_step = E.Trainer.train_step
+    def train_step(self, *a, **k):
+        if self.global_step == int(point[1]):
+            pause()
+        return real_step(self, *a, **k)
+    E.Trainer.train_step = train_step
+elif point[0] == "replace":
+    real_replace = os.replace
+    def replace(src, dst, *a, **k):
+        if Path(dst).name == point[1]:
+            counts["r"] = counts.get("r", 0) + 1
+            if counts["r"] == int(point[2]):
+                pause()
+        return real_replace(src, dst, *a, **k)
+    os.replace = replace
+else:
+    raise SystemExit(f"unknown kill point {point}")
+sys.argv = [os.path.join(root, "distill.py"), *sys.argv[4:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+'''
+
+
+def start_paused_run(tmp: Path, point: str, argv: list[str], cache: Path):
+    """Start ``distill.py argv`` in a subprocess that blocks at ``point``; returns (proc, marker)."""
+    import subprocess
+    tmp = Path(tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    wrapper, marker = tmp / "kill_wrapper.py", tmp / "paused"
+    wrapper.write_text(KILL_WRAPPER)
+    env = subprocess_env(cache)
+    env["OMP_NUM_THREADS"] = "1"  # as the in-process runs (torch.set_num_threads(1)): same floats
+    log = open(tmp / "run.log", "w")
+    proc = subprocess.Popen([sys.executable, str(wrapper), str(ROOT), str(marker), point, *argv],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return proc, marker
+
+
+def kill_when_paused(proc, marker: Path, timeout: float = 240.0) -> None:
+    """Wait until the run reports it reached its point, then SIGKILL it."""
+    import signal
+    import time
+    deadline = time.time() + timeout
+    while not marker.exists():
+        if proc.poll() is not None:
+            log = (marker.parent / "run.log").read_text()[-3000:]
+            raise AssertionError(f"run ended (rc={proc.returncode}) before its kill point:\n{log}")
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError("run did not reach its kill point in time")
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL

@@ -1,0 +1,366 @@
+"""distill.py end to end on a tiny course folder with tiny timm teachers (issue 4).
+
+* cached and online modes (with and without mixup) write model.pth (a bare state_dict that
+  loads strictly into the student of --arch) and model.provenance.json;
+* the cached soft targets of a view are what the ensemble computes on that very view
+  (also through a frozen-trunk cache, within fp16 rounding);
+* out-of-fold masks; --scratch without teachers;
+* bad input fails with one clear error before anything is written.
+
+Teachers are timm's ``test_efficientnet`` at 32x32 trained one epoch; the student is MyCNN
+from architecture.py with 3 classes and narrow widths. Torch runs single-threaded here (the
+machine's cores are shared with background training; two threads only contend).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import distill
+from helpers_distill import (CLASSES, ROOT, build_tiny_teacher, distill_argv, file_bytes, make_course_folder,
+                             read_state, student_state, subprocess_env, tmp_files, train_tiny_teacher, write_arch)
+from toolkit.augment import apply_views, sample_view_params
+from toolkit.data import DataError, load_course_folder, stratified_folds
+from toolkit.student import ContractError, check_state_dict_matches, load_student
+from toolkit.teachers import (TEACHER_FILE, Ensemble, TeacherError, _cached_trunk_features,
+                              combine_view_targets, load_teacher, oof_teacher_mask, teacher_saw,
+                              teacher_view_logits)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Data folder, 3-class student arch, three fold teachers (folds=3) and one teacher trained
+    on its cached frozen trunk (2 views, max_shift 8, seed 0), all sharing one cache folder."""
+    root = tmp_path_factory.mktemp("distill")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TOOLKIT_CACHE", str(root / "cache"))
+        data = make_course_folder(root / "data")
+        arch = write_arch(root / "arch.py")
+        teachers = [train_tiny_teacher(data, root / "teachers" / f"fold{f}", fold=f, folds=3) for f in range(3)]
+        trunk = train_tiny_teacher(data, root / "trunk_teachers" / "fold1", fold=1, folds=3, frozen_stages=2)
+        yield SimpleNamespace(root=root, cache=root / "cache", data=data, arch=arch, teachers=teachers, trunk=trunk)
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def shared_cache(world, monkeypatch):
+    """Use the module's cache (data + trunk features) instead of conftest's fresh one."""
+    monkeypatch.setenv("TOOLKIT_CACHE", str(world.cache))
+    return world.cache
+
+
+def check_outputs(world, out, n_teachers, recipe):
+    """model.pth = bare state_dict loading strictly into the student; provenance complete."""
+    state = read_state(out)
+    assert set(state) == set(student_state(world.arch))
+    model = load_student(world.arch, out)
+    with torch.no_grad():
+        assert model(torch.rand(2, 1, 100, 100)).shape == (2, len(CLASSES))
+    prov = json.loads(out.with_suffix(".provenance.json").read_text())
+    assert prov["classes"] == list(CLASSES)
+    assert prov["recipe"] == recipe
+    assert len(prov["teachers"]) == n_teachers
+    assert all({"folder", "model", "own_metrics"} <= set(t) for t in prov["teachers"])
+    if n_teachers:
+        assert prov["ensemble"].get("ensemble_val_acc") is not None
+    assert prov["config"]["seed"] == 0 and prov["config"]["out"] == str(out)
+    assert prov["run"]["seed"] == 0
+    assert prov["run"]["data_fingerprint"] == load_course_folder(world.data, progress=False).fingerprint
+    assert set(prov["student_val"]) == {"val_acc", "val_nll"}
+    assert tmp_files(out.parent) == []
+    return prov
+
+
+# ----------------------------------------------------------------------------------------
+# End to end
+# ----------------------------------------------------------------------------------------
+def test_cached_mode_end_to_end(world, shared_cache, tmp_path):
+    out, work = tmp_path / "out" / "model.pth", tmp_path / "work"
+    prov = distill.main(distill_argv(world.data, world.arch, out, work, world.teachers))
+    saved = check_outputs(world, out, 3, "cached kd")
+    assert prov["student_val"] == saved["student_val"]
+    assert sorted(t["folder"] for t in saved["teachers"]) == sorted(map(str, world.teachers))
+    assert {"ensemble_val_acc", "target_train_acc", "oof_fraction"} <= set(saved["ensemble"])
+    assert saved["ensemble"]["oof_fraction"] == 1.0  # three fold teachers: every image has one
+    history = json.loads((work / "log.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert (work / "config.yaml").is_file() and (work / "run_info.json").is_file()
+
+
+@pytest.mark.parametrize("mixup", [0.0, 0.2])
+def test_online_mode_end_to_end(world, shared_cache, tmp_path, mixup):
+    out = tmp_path / "model.pth"
+    distill.main(distill_argv(world.data, world.arch, out, tmp_path / "work", world.teachers[:2],
+                              mode="online", mixup=mixup, epochs=1))
+    prov = check_outputs(world, out, 2, "online kd")
+    assert prov["config"]["mixup"] == mixup
+
+
+def test_scratch_runs_without_teachers(world, tmp_path):
+    empty = tmp_path / "no_teachers"
+    empty.mkdir()
+    out = tmp_path / "model.pth"
+    distill.main(distill_argv(world.data, world.arch, out, tmp_path / "work", scratch=True,
+                              teachers_root=empty, epochs=1))
+    prov = check_outputs(world, out, 0, "scratch")
+    assert prov["ensemble"] == {}
+
+
+def test_distill_from_frozen_trunk_teacher(world, shared_cache, tmp_path):
+    """The trunk teacher's cache is found (same views) and distillation runs on it."""
+    out = tmp_path / "model.pth"
+    prov = distill.main(distill_argv(world.data, world.arch, out, tmp_path / "work", [world.trunk],
+                                     max_shift=8, view_seed=0, epochs=1))
+    assert prov["teachers"][0]["folder"] == str(world.trunk)
+    load_student(world.arch, out)
+
+
+# ----------------------------------------------------------------------------------------
+# Cached targets == the ensemble on the very same view
+# ----------------------------------------------------------------------------------------
+def views_as_float(rgb_u8, params):
+    return apply_views(rgb_u8, params.long()).float() / 255
+
+
+@pytest.mark.parametrize("combine,weights", [("mean_probs", None), ("mean_logits", None),
+                                             ("mean_probs", [1.0, 2.0, 0.5])])
+def test_cached_targets_equal_ensemble_on_each_view(world, combine, weights):
+    teachers = [load_teacher(t) for t in world.teachers]
+    data = load_course_folder(world.data, classes=teachers[0].classes, progress=False)
+    view_params = sample_view_params(len(data), 3, 8, seed=5)
+    member = torch.stack([teacher_view_logits(t, data.rgb, view_params, data.fingerprint) for t in teachers])
+    assert member.shape == (3, len(data), 3, len(CLASSES))
+    ensemble = Ensemble(teachers, combine, weights)
+    folds = stratified_folds(data.labels, 3, 0)
+
+    # all teachers for every image: the ensemble itself
+    targets = combine_view_targets(member, ensemble.weights, None, combine)
+    assert targets.shape == (len(data), 3, len(CLASSES))
+    for i in (0, 13, 35):
+        for k in range(3):
+            expected = ensemble(views_as_float(data.rgb[i:i + 1], view_params[i, k][None])).exp()[0]
+            torch.testing.assert_close(targets[i, k], expected, atol=1e-4, rtol=0)
+
+    # out-of-fold: each image's target is the ensemble of the teachers that never saw it
+    mask = oof_teacher_mask(teachers, folds)
+    targets = combine_view_targets(member, ensemble.weights, mask, combine)
+    for i in (2, 17, 30):
+        allowed = mask[:, i].nonzero().flatten().tolist()
+        assert allowed == [int(folds[i])]  # fold teachers: only the one holding image i out
+        w = [(weights or [1.0] * 3)[m] for m in allowed]
+        sub = Ensemble([teachers[m] for m in allowed], combine, w)
+        for k in range(3):
+            expected = sub(views_as_float(data.rgb[i:i + 1], view_params[i, k][None])).exp()[0]
+            torch.testing.assert_close(targets[i, k], expected, atol=1e-4, rtol=0)
+
+
+def test_distill_trains_on_the_ensembles_view_targets(world, shared_cache, tmp_path, monkeypatch):
+    """Spy on the targets distill.main computes: they are the OOF ensemble on each view."""
+    seen = {}
+
+    def spy(member_logits, weights, mask, combine):
+        seen["targets"] = combine_view_targets(member_logits, weights, mask, combine)
+        seen["mask"] = mask.clone()
+        return seen["targets"]
+    monkeypatch.setattr(distill, "combine_view_targets", spy)
+    distill.main(distill_argv(world.data, world.arch, tmp_path / "model.pth", tmp_path / "work", world.teachers,
+                              views=3, max_shift=6, view_seed=7, epochs=1))
+    teachers = [load_teacher(t) for t in world.teachers]
+    data = load_course_folder(world.data, classes=teachers[0].classes, progress=False)
+    view_params = sample_view_params(len(data), 3, 6, 7)
+    assert seen["targets"].shape == (len(data), 3, len(CLASSES))
+    for i in (1, 20):
+        allowed = seen["mask"][:, i].nonzero().flatten().tolist()
+        sub = Ensemble([teachers[m] for m in allowed])
+        for k in range(3):
+            expected = sub(views_as_float(data.rgb[i:i + 1], view_params[i, k][None])).exp()[0]
+            torch.testing.assert_close(seen["targets"][i, k], expected, atol=1e-4, rtol=0)
+
+
+def test_frozen_trunk_path_equals_full_forward(world, shared_cache):
+    teacher = load_teacher(world.trunk)
+    assert teacher.config["frozen_stages"] == 2 and teacher.config.get("trunk_cache_key")
+    data = load_course_folder(world.data, classes=teacher.classes, progress=False)
+    view_params = sample_view_params(len(data), 2, 8, 0)  # the views the teacher was trained on
+    assert _cached_trunk_features(teacher, view_params, data.fingerprint) is not None, "trunk cache not used"
+    cached = teacher_view_logits(teacher, data.rgb, view_params, data.fingerprint).softmax(-1)
+    # other views (or another data fingerprint): no cache, the full model runs
+    assert _cached_trunk_features(teacher, sample_view_params(len(data), 3, 8, 0), data.fingerprint) is None
+    assert _cached_trunk_features(teacher, view_params, "another-fingerprint") is None
+    full = teacher_view_logits(teacher, data.rgb, view_params, "another-fingerprint").softmax(-1)
+    torch.testing.assert_close(cached, full, atol=2e-3, rtol=0)
+    with torch.no_grad():
+        for k in range(2):
+            direct = teacher(views_as_float(data.rgb, view_params[:, k])).softmax(-1)
+            torch.testing.assert_close(cached[:, k], direct, atol=2e-3, rtol=0)
+            torch.testing.assert_close(full[:, k], direct, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------
+# Out-of-fold masks
+# ----------------------------------------------------------------------------------------
+def fake(fold, folds=3, exclude=(), seed=0):
+    return SimpleNamespace(config={"fold": fold, "folds": folds, "exclude_folds": list(exclude), "seed": seed})
+
+
+def test_oof_mask_fold_teachers_label_only_their_held_out_fold():
+    folds = torch.tensor([0, 1, 2, 0, 1, 2, 2])
+    mask = oof_teacher_mask([fake(0), fake(1), fake(2)], folds)
+    assert torch.equal(mask, torch.stack([folds == m for m in range(3)]))
+
+
+def test_oof_mask_excluded_folds_and_fallback_to_all():
+    folds = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    nested = fake(0, 4, exclude=[1])        # never saw folds 0 and 1
+    everything = fake(-1, 4)                # saw every image
+    assert torch.equal(teacher_saw(nested, folds), (folds >= 2))
+    assert teacher_saw(everything, folds).all()
+    mask = oof_teacher_mask([nested, everything], folds)
+    unseen = folds <= 1
+    assert torch.equal(mask[0], torch.ones_like(unseen))          # own held-out + fallback
+    assert torch.equal(mask[1], ~unseen)                          # only where nobody held out
+    assert mask.any(0).all()
+
+
+def test_oof_mask_of_trained_teachers_matches_their_training_split(world):
+    """Each image gets only teachers whose training split (train_teacher's own) excluded it."""
+    teachers = [load_teacher(t) for t in world.teachers]
+    data = load_course_folder(world.data, classes=teachers[0].classes, progress=False)
+    folds = stratified_folds(data.labels, 3, 0)
+    mask = oof_teacher_mask(teachers, folds)
+    for m, t in enumerate(teachers):
+        trained_on = ~torch.isin(folds, torch.tensor([t.config["fold"], *t.config["exclude_folds"]]))
+        assert not (mask[m] & trained_on).any()
+    assert mask.sum(0).eq(1).all()
+
+
+def test_oof_mask_follows_each_teachers_own_folds(world, shared_cache, tmp_path, monkeypatch):
+    """distill --folds/--seed other than the teachers': the mask must still come from the
+    split each teacher was trained on, never let a teacher label its own training images."""
+    seen = {}
+    real = distill.combine_view_targets
+
+    def spy(member_logits, weights, mask, combine):
+        seen["mask"] = mask.clone()
+        return real(member_logits, weights, mask, combine)
+    monkeypatch.setattr(distill, "combine_view_targets", spy)
+    distill.main(distill_argv(world.data, world.arch, tmp_path / "model.pth", tmp_path / "work", world.teachers,
+                              folds=4, seed=1, epochs=1))
+    teachers = [load_teacher(t) for t in world.teachers]
+    data = load_course_folder(world.data, classes=teachers[0].classes, progress=False)
+    teacher_folds = stratified_folds(data.labels, 3, 0)  # what train_teacher used (folds=3, seed=0)
+    for m, t in enumerate(teachers):
+        trained_on = teacher_folds != t.config["fold"]
+        assert not (seen["mask"][m] & trained_on).any(), f"teacher {m} labels images it trained on"
+
+
+# ----------------------------------------------------------------------------------------
+# Bad input: one clear error, model.pth untouched
+# ----------------------------------------------------------------------------------------
+@pytest.fixture
+def sentinel(world, tmp_path):
+    out = tmp_path / "out" / "model.pth"
+    out.parent.mkdir()
+    torch.save(student_state(world.arch), out)
+    return out, out.read_bytes()
+
+
+def expect_failure(world, tmp_path, sentinel, error, match, teachers=(), data=None, **flags):
+    out, before = sentinel
+    with pytest.raises(error, match=match):
+        distill.main(distill_argv(data or world.data, flags.pop("arch", world.arch), out, tmp_path / "work",
+                                  teachers, epochs=1, **flags))
+    assert file_bytes(out) == before
+    assert not out.with_suffix(".provenance.json").exists()
+    assert tmp_files(out.parent) == []
+
+
+def test_no_teachers_found(world, tmp_path, sentinel):
+    empty = tmp_path / "empty_root"
+    empty.mkdir()
+    expect_failure(world, tmp_path, sentinel, TeacherError, "no teachers found", teachers_root=empty)
+
+
+def test_no_teachers_found_exits_cleanly_from_the_command_line(world, tmp_path, sentinel):
+    out, before = sentinel
+    empty = tmp_path / "empty_root"
+    empty.mkdir()
+    proc = subprocess.run([sys.executable, "distill.py",
+                           *distill_argv(world.data, world.arch, out, tmp_path / "work", teachers_root=empty)],
+                          cwd=ROOT, env=subprocess_env(tmp_path / "cache"), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1
+    assert f"error: {empty}: no teachers found" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert file_bytes(out) == before
+
+
+def test_teachers_with_different_classes(world, tmp_path, sentinel):
+    other = build_tiny_teacher(tmp_path / "dogs", classes=("book", "car", "dog"))
+    expect_failure(world, tmp_path, sentinel, TeacherError, r"classes .* differ",
+                   teachers=[world.teachers[0], other])
+
+
+def test_teacher_folder_without_teacher_pth(world, tmp_path, sentinel):
+    hollow = tmp_path / "hollow_teacher"
+    hollow.mkdir()
+    expect_failure(world, tmp_path, sentinel, TeacherError, f"{TEACHER_FILE}: teacher weights are missing",
+                   teachers=[world.teachers[0], hollow])
+
+
+def test_teacher_pth_with_mismatched_weights(world, tmp_path, sentinel):
+    broken = build_tiny_teacher(tmp_path / "broken")
+    blob = torch.load(broken / TEACHER_FILE, weights_only=False)
+    key = next(k for k, v in blob["state_dict"].items() if v.ndim == 4)
+    blob["state_dict"][key] = torch.zeros(*blob["state_dict"][key].shape[:-1], 7)
+    torch.save(blob, broken / TEACHER_FILE)
+    expect_failure(world, tmp_path, sentinel, TeacherError, "weights do not fit", teachers=[broken])
+
+
+def test_teacher_pth_that_is_not_a_teacher(world, tmp_path, sentinel):
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / TEACHER_FILE).write_bytes(b"not a checkpoint")
+    expect_failure(world, tmp_path, sentinel, TeacherError, "not a teacher checkpoint", teachers=[junk])
+
+
+def test_data_labels_outside_the_teachers_classes(world, tmp_path, sentinel):
+    two = build_tiny_teacher(tmp_path / "two_classes", classes=("book", "car"))
+    expect_failure(world, tmp_path, sentinel, DataError, "unknown class 'cat'", teachers=[two])
+
+
+def test_student_with_wrong_number_of_classes(world, tmp_path, sentinel):
+    """architecture.py's model must output one logit per class of the data/teachers."""
+    arch5 = write_arch(tmp_path / "arch5.py", num_classes=5)
+    expect_failure(world, tmp_path, sentinel, ContractError, "5 classes", teachers=world.teachers[:1], arch=arch5)
+    expect_failure(world, tmp_path, sentinel, ContractError, "5 classes", scratch=True, arch=arch5)
+
+
+def test_missing_architecture_file(world, tmp_path, sentinel):
+    expect_failure(world, tmp_path, sentinel, ContractError, "architecture file is missing",
+                   teachers=world.teachers[:1], arch=tmp_path / "nope.py")
+
+
+def test_state_dict_of_another_config_is_refused(world, tmp_path):
+    wide = write_arch(tmp_path / "wide.py", widths=(16, 16, 32, 32))
+    with pytest.raises(ContractError, match="shape differs"):
+        check_state_dict_matches(student_state(wide), world.arch)
+    five = write_arch(tmp_path / "five.py", num_classes=5)
+    with pytest.raises(ContractError, match=r"shape differs for \['head.3.bias'"):
+        check_state_dict_matches(student_state(five), world.arch)
+    state = student_state(world.arch)
+    state.pop("head.3.weight")
+    with pytest.raises(ContractError, match="missing"):
+        check_state_dict_matches(state, world.arch)
+    check_state_dict_matches(student_state(world.arch), world.arch)
+    # and a model.pth of another config cannot be loaded as the student
+    torch.save(student_state(wide), tmp_path / "wide.pth")
+    with pytest.raises(ContractError, match="does not fit"):
+        load_student(world.arch, tmp_path / "wide.pth")

@@ -1,0 +1,286 @@
+"""The training engine shared by train_teacher.py and distill.py.
+
+Devices (CUDA / MPS / CPU), torchrun DDP, AMP, warm-up + cosine schedule, EMA weights,
+atomic checkpoints with step-exact resume, a non-finite-loss guard and one log row per epoch.
+
+Determinism: every step draws its randomness from a generator seeded by (seed, global step),
+and every epoch's batch order from (seed, epoch); so a run resumed from any checkpoint
+replays exactly the steps an uninterrupted run would have taken.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from timm.utils import ModelEmaV3
+from tqdm import tqdm
+
+from .io import atomic_save, atomic_write_json
+
+CHECKPOINT = "checkpoint.pth"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+# ----------------------------------------------------------------------------------------
+# Devices and DDP
+# ----------------------------------------------------------------------------------------
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def init_distributed(device_name: str = "auto") -> tuple[DistEnv, torch.device]:
+    """Read torchrun's environment; start the process group (NCCL on CUDA, gloo otherwise)."""
+    env = DistEnv(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                  int(os.environ.get("LOCAL_RANK", 0)))
+    device = resolve_device(device_name, env.local_rank)
+    if env.enabled and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+    return env, device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """Randomness of one training step, reproducible on resume."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) % 2**63)
+
+
+def run_info(seed: int, fingerprint: str) -> dict:
+    """Versions, seed and data fingerprint recorded in every run folder."""
+    import timm
+    import torchvision
+    return {"seed": seed, "data_fingerprint": fingerprint, "python": platform.python_version(),
+            "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "timm": timm.__version__, "numpy": np.__version__, "platform": platform.platform(),
+            "cpu_threads": torch.get_num_threads()}
+
+
+# ----------------------------------------------------------------------------------------
+# Optimisation
+# ----------------------------------------------------------------------------------------
+def make_optimizer(params: Iterable, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]  # biases and norm scales: no weight decay
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+    raise ValueError(f"unknown optimizer {name!r} (adamw or sgd)")
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
+                  final_fraction: float = 0.01) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up to the base lr, then cosine decay to final_fraction of it."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ----------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------
+class Trainer:
+    """Epoch loop with EMA, checkpoints every ``checkpoint_every`` steps, and exact resume.
+
+    ``epoch_batches(epoch)`` returns the epoch's list of batch index tensors (deterministic
+    in the epoch); ``loss_fn(model, batch, generator)`` returns a dict with 'loss';
+    ``evaluate(model)`` returns a metrics dict (run on the EMA weights when EMA is on).
+    """
+
+    def __init__(self, model: nn.Module, optimizer, scheduler, out_dir: str | Path, epochs: int,
+                 seed: int, env: DistEnv = DistEnv(), device: torch.device = torch.device("cpu"),
+                 ema_decay: float = 0.0, checkpoint_every: int = 200, grad_clip: float = 0.0,
+                 amp: bool = False, extra_state: Callable[[], dict] | None = None, desc: str = "train"):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.out_dir, self.epochs, self.seed, self.env, self.device = Path(out_dir), epochs, seed, env, device
+        self.ema = ModelEmaV3(model, decay=ema_decay, use_warmup=True) if ema_decay > 0 else None
+        self.checkpoint_every, self.grad_clip, self.desc = checkpoint_every, grad_clip, desc
+        self.amp_dtype = (torch.bfloat16 if device.type == "cpu" else torch.float16) if amp else None
+        self.scaler = torch.amp.GradScaler(device.type) if amp and device.type == "cuda" else None
+        self.train_model = model
+        if env.enabled:
+            self.train_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.extra_state = extra_state
+        self.epoch, self.step_in_epoch, self.global_step, self.history = 0, 0, 0, []
+        self.epoch_sums, self.epoch_count = {}, 0  # running train-loss sums of the current epoch
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "epoch": self.epoch,
+                 "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                 "history": self.history, "torch_rng": torch.get_rng_state(),
+                 "epoch_sums": dict(self.epoch_sums), "epoch_count": self.epoch_count}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def save_checkpoint(self) -> None:
+        if self.env.is_main:
+            atomic_save(self.state_dict(), self.out_dir / CHECKPOINT)
+
+    def resume(self) -> bool:
+        path = self.out_dir / CHECKPOINT
+        if not path.is_file():
+            return False
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.global_step, self.history = state["global_step"], state["history"]
+        # a run resumed mid-epoch reports that epoch's train losses over all its steps
+        self.epoch_sums, self.epoch_count = dict(state.get("epoch_sums", {})), state.get("epoch_count", 0)
+        return True
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    # -- loop -----------------------------------------------------------------------------
+    def fit(self, epoch_batches: Callable[[int], list], loss_fn: Callable, evaluate: Callable) -> list[dict]:
+        while self.epoch < self.epochs:
+            batches = epoch_batches(self.epoch)
+            record_batches(batches[self.step_in_epoch:], self.epoch, self.env.rank)
+            self.model.train()
+            if self.step_in_epoch == 0:
+                self.epoch_sums, self.epoch_count = {}, 0
+            t0 = time.time()
+            bar = tqdm(batches[self.step_in_epoch:], desc=f"{self.desc} {self.epoch + 1}/{self.epochs}",
+                       unit="batch", disable=not self.env.is_main, leave=False)
+            for batch in bar:
+                losses = self.train_step(batch, loss_fn)
+                for k, v in losses.items():
+                    self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + v
+                self.epoch_count += 1
+                bar.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+                if self.checkpoint_every and self.global_step % self.checkpoint_every == 0:
+                    self.save_checkpoint()
+            metrics = {f"train_{k}": v / max(self.epoch_count, 1) for k, v in self.epoch_sums.items()}
+            metrics.update(evaluate(self.eval_model) if self.env.is_main else {})
+            metrics.update(epoch=self.epoch + 1, step=self.global_step, seconds=round(time.time() - t0, 1))
+            self.history.append(metrics)
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            self.epoch_sums, self.epoch_count = {}, 0
+            self.save_checkpoint()
+            if self.env.is_main:
+                atomic_write_json(self.history, self.out_dir / "log.json")
+                print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                               for k, v in metrics.items()), flush=True)
+        return self.history
+
+    def train_step(self, batch, loss_fn: Callable) -> dict:
+        generator = step_generator(self.seed, self.global_step)
+        torch.manual_seed((self.seed * 7919 + self.global_step) % 2**63)  # dropout etc.
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            losses = loss_fn(self.train_model, batch, generator)
+        loss = losses["loss"]
+        if not torch.isfinite(loss).all():
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss.item()}) at epoch {self.epoch + 1}, step {self.global_step}; "
+                f"the last good checkpoint is kept at {self.out_dir / CHECKPOINT}")
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if self.grad_clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.global_step)
+        self.global_step += 1
+        self.step_in_epoch += 1
+        return {k: float(v.detach()) for k, v in losses.items()}
+
+
+def record_batches(batches: list, epoch: int, rank: int) -> None:
+    """Debug hook for tests: with TOOLKIT_RECORD_BATCHES=path, append the sample indices this
+    rank is about to train on in ``epoch`` to ``path.rank{rank}.json``."""
+    path = os.environ.get("TOOLKIT_RECORD_BATCHES")
+    if not path:
+        return
+    path = Path(f"{path}.rank{rank}.json")
+    rows = json.loads(path.read_text()) if path.is_file() else []
+    rows.append({"epoch": epoch, "batches": [torch.as_tensor(b).tolist() for b in batches]})
+    atomic_write_json(rows, path)
+
+
+def epoch_index_batches(sampler, epoch: int, batch_size: int) -> list[torch.Tensor]:
+    """The sampler's draw for ``epoch`` chunked into index batches (last partial batch dropped
+    when it is tiny, so BatchNorm never sees a batch of one)."""
+    sampler.set_epoch(epoch)
+    order = torch.tensor(list(iter(sampler)), dtype=torch.int64)
+    batches = list(order.split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) < max(2, batch_size // 4):
+        batches.pop()
+    return batches
+
+
+def save_run_config(out_dir: str | Path, config: dict, info: dict) -> None:
+    """The resolved config (args.yaml, like timm) and run info, beside every output."""
+    import yaml
+    out_dir = Path(out_dir)
+    from .io import atomic_write_text
+    atomic_write_text(yaml.safe_dump(config, sort_keys=False), out_dir / "config.yaml")
+    atomic_write_text(json.dumps(info, indent=2) + "\n", out_dir / "run_info.json")

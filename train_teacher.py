@@ -1,0 +1,186 @@
+"""Fine-tune a timm backbone into a 20-class teacher; writes a self-describing folder.
+
+    python train_teacher.py --data ../shared/data/training_data --model efficientnet_lite0 \
+        --pretrained offline --out teachers/lite0_fold0
+    torchrun --nproc_per_node=2 train_teacher.py ...     # DDP, same flags
+
+On a CPU the default recipe freezes the stem and the first ``frozen_stages`` stages and
+computes their features once for ``views`` fixed views of every image (identity, mirror,
+shifted crops); only the rest of the network is trained, on those cached features. The
+result is exactly the full model evaluated on those views, so it stays honest: no
+augmentation is ever seen that the model could not have computed itself.
+"""
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from toolkit.augment import apply_views, mixup_cutmix, random_view_params, sample_view_params, trivial_augment
+from toolkit.config import parse_config
+from toolkit.data import ClassBalancedSampler, DataError, default_cache_dir, load_course_folder, stratified_folds
+from toolkit.engine import (Trainer, epoch_index_batches, init_distributed, make_optimizer, run_info,
+                            save_run_config, seed_everything, warmup_cosine)
+from toolkit.io import atomic_save
+from toolkit.teachers import TrunkSplit, build_teacher, compute_trunk_features, save_teacher
+
+
+@dataclass
+class TeacherConfig:
+    """Fine-tune a timm backbone as a teacher."""
+    data: str = "../shared/data/training_data"
+    out: str = "teachers/efficientnet_lite0"
+    model: str = "efficientnet_lite0"
+    pretrained: str = "hub"          # hub | offline | none | path/to/weights.pth
+    input_mode: str = "rgb"          # rgb | grey
+    input_size: int = 160            # side the backbone sees (the 100x100 view is resized)
+    epochs: int = 6
+    batch_size: int = 64
+    lr: float = 2e-3                 # per 256 images: actual lr = lr * batch_size / 256
+    optimizer: str = "adamw"
+    weight_decay: float = 0.05
+    warmup_epochs: float = 0.5
+    label_smoothing: float = 0.1
+    ema_decay: float = 0.998
+    balance_power: float = 0.5       # class-balanced sampling: class drawn ~ n_c ** power
+    frozen_stages: int = 5           # stem + this many stages frozen; 0 = full fine-tune
+    trunk_cache: bool = True         # cache frozen-trunk features of `views` fixed views
+    views: int = 4                   # cached views per image: identity, mirror, shifted crops
+    max_shift: int = 8               # pixels, for shifted views / random translation
+    trivial_augment: bool = True     # online mode only (no trunk cache)
+    mixup: float = 0.0               # online mode only: mixup alpha (0 = off)
+    cutmix: float = 0.0
+    folds: int = 5                   # stratified k-fold of the data set (seeded)
+    fold: int = 0                    # held-out val fold; -1 trains on everything
+    exclude_folds: list[int] = field(default_factory=list)  # folds never trained on (nested CV)
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True                 # bf16/fp16 autocast, on CUDA only
+    checkpoint_every: int = 100
+    resume: bool = False
+
+
+def main(argv=None) -> dict:
+    cfg = parse_config(TeacherConfig, argv)
+    env, device = init_distributed(cfg.device)
+    seed_everything(cfg.seed)
+    out = Path(cfg.out)
+
+    # --- data: uint8 tensors in memory; val = one stratified fold ------------------------
+    data = load_course_folder(cfg.data, progress=env.is_main)
+    folds = stratified_folds(data.labels, cfg.folds, cfg.seed)
+    train_idx = (~torch.isin(folds, torch.tensor([cfg.fold, *cfg.exclude_folds]))).nonzero().flatten()
+    val_idx = (folds == cfg.fold).nonzero().flatten()
+    sampler = ClassBalancedSampler(data.labels, train_idx, cfg.balance_power, seed=cfg.seed,
+                                   rank=env.rank, world_size=env.world_size)
+
+    # --- model ---------------------------------------------------------------------------
+    teacher = build_teacher(cfg.model, data.classes, cfg.input_mode, cfg.input_size, cfg.pretrained)
+    cached = cfg.trunk_cache and cfg.frozen_stages > 0
+    model = TrunkSplit(teacher.backbone, cfg.frozen_stages) if cfg.frozen_stages > 0 else teacher.backbone
+    teacher.to(device)
+    if device.type == "cuda":
+        teacher.to(memory_format=torch.channels_last)
+    if cached:
+        features, view_params = trunk_features(cfg, data, teacher, model, device, env.is_main)
+        model.takes_features = True
+    steps_per_epoch = len(epoch_index_batches(sampler, 0, cfg.batch_size))
+    total_steps = cfg.epochs * steps_per_epoch
+    optimizer = make_optimizer(model.parameters(), cfg.optimizer, cfg.lr * cfg.batch_size / 256, cfg.weight_decay)
+    scheduler = warmup_cosine(optimizer, total_steps, int(cfg.warmup_epochs * steps_per_epoch))
+    trainer = Trainer(model, optimizer, scheduler, out, cfg.epochs, cfg.seed, env, device,
+                      cfg.ema_decay, cfg.checkpoint_every, amp=cfg.amp and device.type == "cuda",
+                      desc=f"teacher {out.name}")
+    if cfg.resume and trainer.resume() and env.is_main:
+        print(f"resumed {out} at epoch {trainer.epoch + 1}, step {trainer.global_step}", flush=True)
+
+    # --- loss on one batch of sample indices ---------------------------------------------
+    def loss_fn(net, idx, gen):
+        y = data.labels[idx].to(device)
+        if cached:  # a random cached view of each image: (B, C', h, w) features
+            k = torch.randint(0, cfg.views, (len(idx),), generator=gen)
+            logits = net(features[idx, k].float().to(device))
+            return {"loss": F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)}
+        x = data.rgb[idx]
+        x = apply_views(x, random_view_params(len(idx), cfg.max_shift, generator=gen))
+        if cfg.trivial_augment:
+            x = trivial_augment(x, gen)
+        x = teacher.prepare(x.to(device))
+        if cfg.mixup > 0 or cfg.cutmix > 0:
+            x, target = mixup_cutmix(x, y, len(data.classes), cfg.mixup, cfg.cutmix, gen)
+            loss = torch.sum(-target * F.log_softmax(net(x), 1), 1).mean()
+            return {"loss": loss}
+        return {"loss": F.cross_entropy(net(x), y, label_smoothing=cfg.label_smoothing)}
+
+    @torch.no_grad()
+    def evaluate(net):
+        if len(val_idx) == 0:
+            return {}
+        net.eval()
+        logits = []
+        for b in val_idx.split(256):
+            if cached:  # views 0 and 1 are the identity and the mirror
+                logits.append(net(features[b, 0].float().to(device)).float().cpu())
+            else:
+                logits.append(net(teacher.prepare(data.rgb[b].to(device))).float().cpu())
+        logits = torch.cat(logits)
+        y = data.labels[val_idx]
+        return {"val_acc": (logits.argmax(1) == y).float().mean().item(),
+                "val_nll": F.cross_entropy(logits, y).item()}
+
+    t0 = time.time()
+    history = trainer.fit(lambda e: epoch_index_batches(sampler, e, cfg.batch_size), loss_fn, evaluate)
+
+    # --- save: the EMA weights, with all that rebuilds the teacher -----------------------
+    if env.is_main:
+        final = trainer.eval_model
+        teacher.backbone.load_state_dict(getattr(final, "backbone", final).state_dict())
+        metrics = {k: v for k, v in history[-1].items() if k.startswith("val_")} if history else {}
+        metrics.update(train_seconds=round(time.time() - t0, 1), val_images=len(val_idx),
+                       fold=cfg.fold, folds=cfg.folds)
+        config = asdict(cfg) | {"data_fingerprint": data.fingerprint, "classes": data.classes}
+        if cached:
+            config["trunk_cache_key"] = trunk_cache_key(cfg, data.fingerprint)
+        save_teacher(out, teacher, config, metrics, cfg.pretrained)
+        save_run_config(out, config, run_info(cfg.seed, data.fingerprint))
+        print(f"teacher saved to {out}: {metrics}", flush=True)
+        return metrics
+    return {}
+
+
+def trunk_cache_key(cfg: TeacherConfig, fingerprint: str) -> str:
+    fields = (cfg.model, cfg.pretrained, cfg.input_mode, cfg.input_size, cfg.frozen_stages,
+              cfg.views, cfg.max_shift, cfg.seed, fingerprint)
+    return hashlib.sha1(repr(fields).encode()).hexdigest()[:16]
+
+
+def trunk_features(cfg, data, teacher, split, device, verbose):
+    """(N, K, C', h, w) fp16 trunk features of K views of every image, cached on disk so that
+    every fold's teacher (and distillation) reuses them."""
+    view_params = sample_view_params(len(data), cfg.views, cfg.max_shift, cfg.seed)
+    path = default_cache_dir() / f"trunk-{trunk_cache_key(cfg, data.fingerprint)}.pt"
+    if path.is_file():
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            if torch.equal(blob["view_params"], view_params):
+                return blob["features"], view_params
+        except Exception as err:
+            print(f"warning: {path}: corrupt trunk cache ({type(err).__name__}); recomputing", file=sys.stderr)
+    t0 = time.time()
+    features = compute_trunk_features(teacher, split, data.rgb, view_params, device=device)
+    if verbose:
+        print(f"trunk features {tuple(features.shape)} in {time.time() - t0:.0f}s", flush=True)
+        atomic_save({"features": features, "view_params": view_params}, path)
+    return features, view_params
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DataError as err:
+        raise SystemExit(f"error: {err}")
