@@ -33,10 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = ROOT.parent / "shared" / "data" / "training_data"
 TINY = "test_efficientnet"  # timm's ~100k-parameter test model: stem + 5 stages
 CLASSES = {"book": (200, 40, 40), "car": (40, 200, 40), "cat": (40, 40, 200)}  # learnable by colour
-# 36 images -> fold 0 of 5 holds 8 val images, 28 train: 4 batches of 8 (3 for the last, kept)
+# 36 images -> fold 0 of 5 holds 8 val images, 28 train: batches of 8, 8, 8, 4 per epoch
 TINY_ARGS = ["--model", TINY, "--pretrained", "none", "--input-size", "32", "--batch-size", "8",
              "--lr", "0.1", "--no-amp", "--device", "cpu"]
 STEPS_PER_EPOCH = 4
+ONLINE = ["--frozen-stages", "0", "--trivial-augment", "--mixup", "0.2"]  # no cache, most randomness
 
 
 def make_course_folder(root: Path, per_class: int = 12, seed: int = 0) -> Path:
@@ -243,8 +244,7 @@ def trained(request, tiny_folder, cache_dir, tmp_path_factory):
     """cached: frozen stem + 2 stages, features of 4 fixed views cached (the tiny model has
     5 stages, too few for the default 5); online: full fine-tune, TrivialAugment + mixup."""
     out = tmp_path_factory.mktemp(f"teacher_{request.param}")
-    extra = (["--frozen-stages", "2"] if request.param == "cached"
-             else ["--frozen-stages", "0", "--trivial-augment", "--mixup", "0.2"])
+    extra = ["--frozen-stages", "2"] if request.param == "cached" else ONLINE
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TOOLKIT_CACHE", str(cache_dir))
         threads = torch.get_num_threads()
@@ -293,22 +293,22 @@ def test_load_teacher_rebuilds_the_trained_model(trained, tiny_folder):
     reference = Teacher(ref_net, TINY, teacher.classes, teacher.spec).eval()
 
     data = load_course_folder(tiny_folder, progress=False)
-    logits = predict_logits(teacher, data.rgb)
-    torch.testing.assert_close(logits, predict_logits(reference, data.rgb), rtol=2e-2, atol=2e-2)
+    logits, ref_logits = predict_logits(teacher, data.rgb), predict_logits(reference, data.rgb)
+    torch.testing.assert_close(logits, ref_logits, rtol=5e-3, atol=5e-3)  # fp16 weights: ~1e-3
 
-    # ...and reproduces the val metrics that evaluate() reported during training
+    # ...and reproduces the val metrics that evaluate() reported during training (which saw
+    # fp32 weights, and in cached mode fp16 trunk features of the identity view)
     val_idx = (stratified_folds(data.labels, 5, 0) == 0).nonzero().flatten()
     y = data.labels[val_idx]
+    assert F.cross_entropy(ref_logits[val_idx], y).item() == pytest.approx(metrics["val_nll"], abs=1e-3)
+    assert F.cross_entropy(logits[val_idx], y).item() == pytest.approx(metrics["val_nll"], abs=5e-3)
     acc = (logits[val_idx].argmax(1) == y).float().mean().item()
-    nll = F.cross_entropy(logits[val_idx], y).item()
-    assert abs(acc - metrics["val_acc"]) <= 1 / len(val_idx) + 1e-6, (acc, metrics)
-    assert nll == pytest.approx(metrics["val_nll"], rel=2e-2, abs=2e-2)
+    assert abs(acc - metrics["val_acc"]) <= 1 / len(val_idx) + 1e-6, (acc, metrics)  # a near-tie may flip
 
 
+@pytest.mark.parametrize("trained", ["cached"], indirect=True)  # online: mixup makes it noisy
 def test_training_lowers_the_loss(trained):
-    mode, out, _ = trained
-    if mode != "cached":
-        pytest.skip("mixup + TrivialAugment losses are too noisy over 3 tiny epochs")
+    _, out, _ = trained
     log = json.loads((out / "log.json").read_text())
     assert log[-1]["train_loss"] < log[0]["train_loss"], [r["train_loss"] for r in log]
 
@@ -316,9 +316,6 @@ def test_training_lowers_the_loss(trained):
 # ========================================================================================
 # 4. SIGKILL mid-run, then --resume: identical to an uninterrupted run
 # ========================================================================================
-ONLINE = ["--frozen-stages", "0", "--trivial-augment", "--mixup", "0.2"]  # the most randomness
-
-
 def teacher_cmd(tiny_folder, out, epochs, *extra):
     return ["train_teacher.py", "--data", str(tiny_folder), "--out", str(out), "--epochs", str(epochs),
             *TINY_ARGS, *extra]
@@ -392,12 +389,13 @@ def test_ddp_two_processes_on_cpu(tiny_folder, cache_dir, tmp_path):
     # rank 0 alone wrote the out folder: exactly these files, no temp files
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["checkpoint.pth", "config.yaml", "log.json", "run_info.json", "teacher.pth"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["batches.rank0.json", "batches.rank1.json", "ddp"]
     assert proc.stdout.count("teacher saved to") == 1
     log = json.loads((out / "log.json").read_text())
     assert len(log) == epochs and "val_acc" in log[-1]
     load_teacher(out)
 
-    # each rank took every other position of the same global class-balanced draw
+    # each rank took every other position (so disjoint positions) of the same global draw
     data = load_course_folder(tiny_folder, progress=False)
     train_idx = (stratified_folds(data.labels, 5, 0) != 0).nonzero().flatten()
     per_rank = len(train_idx) // 2

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from .data import DataError, list_images, load_course_folder, load_image_files
-from .io import atomic_write_json, atomic_write_text
+from .io import atomic_write_json, atomic_write_text, ensure_writable_dir
 from .student import ContractError, load_student
 from .teachers import Ensemble, TeacherError, find_teacher_folders, load_teacher, predict_logits
 
@@ -224,6 +224,7 @@ def cmd_report(args) -> None:
     from .report import write_report
     timings = {}
     t_all = t0 = time.perf_counter()
+    ensure_writable_dir(args.out)  # fail now, not after the predictions
     teachers, ensemble = load_teachers(args.teachers)
     classes, classes_source = student_classes(args.weights)
     if ensemble.classes != classes:
@@ -306,6 +307,7 @@ def cmd_grader(args) -> None:
 # predict: unlabelled images -> CSV
 # ----------------------------------------------------------------------------------------
 def cmd_predict(args) -> None:
+    ensure_writable_dir(Path(args.out).parent)
     paths = expand_images(args.images)
     if args.student:
         arch, weights = args.student
@@ -398,6 +400,7 @@ def export_student(model: torch.nn.Module, parity_inputs: torch.Tensor, out_dir:
 
 
 def cmd_export(args) -> None:
+    ensure_writable_dir(args.out)
     classes, _ = student_classes(args.weights)
     model = load_student_checked(args.arch, args.weights)
     if args.images:
