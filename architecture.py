@@ -42,7 +42,7 @@ class MyCNN(nn.Module):
     GREY_MEAN, GREY_STD = 0.47, 0.27
 
     def __init__(self, num_classes=20, widths=(32, 64, 128, 256), depths=(1, 1, 1, 1),
-                 dropout=0.1, flip_tta=True, eval_chunk=500):
+                 dropout=0.1, flip_tta=True, eval_chunk=100):
         super().__init__()
         self.flip_tta, self.eval_chunk = flip_tta, eval_chunk
         stem_width = widths[0] // 2
