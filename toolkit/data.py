@@ -211,16 +211,21 @@ class CourseData:
         return torch.bincount(self.labels[self.labels >= 0], minlength=len(self.classes))
 
 
-def decode_folder(folder: Path, names: list[str], progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode ``names`` in ``folder`` -> (grey (N,1,100,100), rgb (N,3,100,100)) uint8."""
-    grey = torch.empty((len(names), 1, SIZE, SIZE), dtype=torch.uint8)
-    rgb = torch.empty((len(names), 3, SIZE, SIZE), dtype=torch.uint8)
-    for i, name in enumerate(tqdm(names, desc=f"decode {Path(folder).name}", unit="img",
-                                  disable=not progress, leave=False)):
-        g, c = decode_image(Path(folder) / name)
+def decode_paths(paths: list[Path], progress: bool = True, desc: str = "decode"
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode image files -> (grey (N,1,100,100), rgb (N,3,100,100)) uint8."""
+    grey = torch.empty((len(paths), 1, SIZE, SIZE), dtype=torch.uint8)
+    rgb = torch.empty((len(paths), 3, SIZE, SIZE), dtype=torch.uint8)
+    for i, path in enumerate(tqdm(paths, desc=desc, unit="img", disable=not progress, leave=False)):
+        g, c = decode_image(path)
         grey[i, 0] = torch.from_numpy(g)
         rgb[i] = torch.from_numpy(np.ascontiguousarray(c.transpose(2, 0, 1)))
     return grey, rgb
+
+
+def decode_folder(folder: Path, names: list[str], progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode ``names`` in ``folder`` -> (grey (N,1,100,100), rgb (N,3,100,100)) uint8."""
+    return decode_paths([Path(folder) / n for n in names], progress, desc=f"decode {Path(folder).name}")
 
 
 def default_cache_dir() -> Path:
@@ -283,12 +288,7 @@ def _read_cache(path: Path, fingerprint: str) -> dict | None:
 def load_image_files(paths: list[str | Path], progress: bool = True) -> CourseData:
     """Decode unlabelled image files (any size, RGB or grey) with the server's preprocessing."""
     paths = [Path(p) for p in paths]
-    grey = torch.empty((len(paths), 1, SIZE, SIZE), dtype=torch.uint8)
-    rgb = torch.empty((len(paths), 3, SIZE, SIZE), dtype=torch.uint8)
-    for i, p in enumerate(tqdm(paths, desc="decode", unit="img", disable=not progress, leave=False)):
-        g, c = decode_image(p)
-        grey[i, 0] = torch.from_numpy(g)
-        rgb[i] = torch.from_numpy(np.ascontiguousarray(c.transpose(2, 0, 1)))
+    grey, rgb = decode_paths(paths, progress)
     return CourseData(names=[p.name for p in paths], grey=grey, rgb=rgb,
                       labels=torch.full((len(paths),), -1, dtype=torch.int64), classes=[],
                       fingerprint="", folder="")
