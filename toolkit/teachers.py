@@ -10,6 +10,7 @@ formula or RGB, resized, normalised): like timm's DistillationTeacher.normalize_
 """
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -424,6 +425,12 @@ def compute_trunk_features(teacher: Teacher, split: TrunkSplit, rgb_u8: torch.Te
 # ----------------------------------------------------------------------------------------
 # Soft targets for distillation: the ensemble on K fixed views of every image
 # ----------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _load_trunk_file(path: Path, mtime_ns: int) -> dict:
+    """Teachers of one recipe share one trunk file (~1 GB): read it once per process."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def _cached_trunk_features(teacher: Teacher, view_params: torch.Tensor, fingerprint: str):
     """The teacher's own frozen-trunk features for exactly these views, if on disk."""
     from .data import default_cache_dir
@@ -432,7 +439,7 @@ def _cached_trunk_features(teacher: Teacher, view_params: torch.Tensor, fingerpr
     if not key or not path.is_file():
         return None
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        blob = _load_trunk_file(path, path.stat().st_mtime_ns)
     except Exception:
         return None
     if blob["view_params"].shape != view_params.shape or not torch.equal(blob["view_params"], view_params):
@@ -445,17 +452,21 @@ def _cached_trunk_features(teacher: Teacher, view_params: torch.Tensor, fingerpr
 @torch.no_grad()
 def teacher_view_logits(teacher: Teacher, rgb_u8: torch.Tensor, view_params: torch.Tensor,
                         fingerprint: str = "", batch_size: int = 256,
-                        device: str | torch.device = "cpu") -> torch.Tensor:
-    """One teacher's logits on K views of every image: (N, K, 3) params -> (N, K, C) float32.
+                        device: str | torch.device = "cpu", only_views: list[int] | None = None) -> torch.Tensor:
+    """One teacher's logits on K views of every image: (N, K, 3) params -> (N, K, C) float32
+    (or (N, len(only_views), C) for a subset of the views).
 
     When the teacher was trained on cached frozen-trunk features of these very views, only
     its trainable part runs (on those features): the teacher's cost is paid once.
     """
     from tqdm import tqdm
     from .augment import apply_views
-    n, k = view_params.shape[:2]
     teacher.to(device).eval()
     features = _cached_trunk_features(teacher, view_params, fingerprint)
+    if only_views is not None:
+        view_params = view_params[:, only_views]
+        features = features[:, only_views] if features is not None else None
+    n, k = view_params.shape[:2]
     out = torch.empty((n, k, len(teacher.classes)))
     if features is not None:
         split = TrunkSplit(teacher.backbone, teacher.config["frozen_stages"]).eval()
@@ -468,6 +479,19 @@ def teacher_view_logits(teacher: Teacher, rgb_u8: torch.Tensor, view_params: tor
             views = apply_views(rgb_u8[i:i + batch_size], view_params[i:i + batch_size, j].long())
             out[i:i + batch_size, j] = teacher(views.to(device)).float().cpu()
     return out
+
+
+def identity_view_logits(teacher: Teacher, rgb_u8: torch.Tensor, fingerprint: str = "",
+                         batch_size: int = 256, device: str | torch.device = "cpu") -> torch.Tensor:
+    """(N, 3, 100, 100) uint8 -> (N, C) logits on the plain images; reuses the teacher's
+    frozen-trunk cache when it holds these very images (same data fingerprint)."""
+    cfg = getattr(teacher, "config", {})
+    if cfg.get("trunk_cache_key") and fingerprint:
+        from .augment import sample_view_params
+        params = sample_view_params(len(rgb_u8), cfg["views"], cfg["max_shift"], cfg["seed"])
+    else:
+        params = torch.zeros((len(rgb_u8), 1, 3), dtype=torch.int8)  # view 0 is the identity
+    return teacher_view_logits(teacher, rgb_u8, params, fingerprint, batch_size, device, only_views=[0])[:, 0]
 
 
 def combine_view_targets(member_logits: torch.Tensor, weights: torch.Tensor,
