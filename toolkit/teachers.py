@@ -452,9 +452,11 @@ def _cached_trunk_features(teacher: Teacher, view_params: torch.Tensor, fingerpr
 @torch.no_grad()
 def teacher_view_logits(teacher: Teacher, rgb_u8: torch.Tensor, view_params: torch.Tensor,
                         fingerprint: str = "", batch_size: int = 256,
-                        device: str | torch.device = "cpu", only_views: list[int] | None = None) -> torch.Tensor:
+                        device: str | torch.device = "cpu", only_views: list[int] | None = None,
+                        images: torch.Tensor | None = None) -> torch.Tensor:
     """One teacher's logits on K views of every image: (N, K, 3) params -> (N, K, C) float32
-    (or (N, len(only_views), C) for a subset of the views).
+    (or (N, len(only_views), C) for a subset of the views). With ``images`` (indices), only
+    those rows are computed; the others are left 0 (for rows the caller masks out anyway).
 
     When the teacher was trained on cached frozen-trunk features of these very views, only
     its trainable part runs (on those features): the teacher's cost is paid once.
@@ -466,19 +468,28 @@ def teacher_view_logits(teacher: Teacher, rgb_u8: torch.Tensor, view_params: tor
     if only_views is not None:
         view_params = view_params[:, only_views]
         features = features[:, only_views] if features is not None else None
-    n, k = view_params.shape[:2]
+    n_all, k = view_params.shape[:2]
+    if images is not None:
+        view_params, rgb_u8 = view_params[images], rgb_u8[images]
+        features = features[images] if features is not None else None
+    n = view_params.shape[0]
     out = torch.empty((n, k, len(teacher.classes)))
     if features is not None:
         split = TrunkSplit(teacher.backbone, teacher.config["frozen_stages"]).eval()
         flat = features.flatten(0, 1)
         logits = [split.head(flat[i:i + batch_size].float().to(device)).float().cpu()
                   for i in tqdm(range(0, n * k, batch_size), desc=f"targets {Path(getattr(teacher, 'folder', '')).name} (cached trunk)", leave=False)]
-        return torch.cat(logits).view(n, k, -1)
-    for j in range(k):
-        for i in tqdm(range(0, n, batch_size), desc=f"targets view {j + 1}/{k}", leave=False):
-            views = apply_views(rgb_u8[i:i + batch_size], view_params[i:i + batch_size, j].long())
-            out[i:i + batch_size, j] = teacher(views.to(device)).float().cpu()
-    return out
+        out = torch.cat(logits).view(n, k, -1) if logits else out
+    else:
+        for j in range(k):
+            for i in tqdm(range(0, n, batch_size), desc=f"targets view {j + 1}/{k}", leave=False):
+                views = apply_views(rgb_u8[i:i + batch_size], view_params[i:i + batch_size, j].long())
+                out[i:i + batch_size, j] = teacher(views.to(device)).float().cpu()
+    if images is None:
+        return out
+    full = torch.zeros((n_all, k, len(teacher.classes)))
+    full[images] = out
+    return full
 
 
 def identity_view_logits(teacher: Teacher, rgb_u8: torch.Tensor, fingerprint: str = "",
