@@ -54,7 +54,7 @@ class DistillConfig:
     oof: bool = True                 # out-of-fold targets when teachers are fold teachers
     scratch: bool = False            # control: same student and recipe on hard labels only
     label_smoothing: float = 0.1     # for --scratch
-    mixup: float = 0.0               # online mode only
+    mixup: float = 0.0               # mixup alpha; cached mode mixes the stored targets alike
     epochs: int = 30
     batch_size: int = 128
     lr: float = 2e-3                 # per 256 images (AdamW)
@@ -165,7 +165,7 @@ def main(argv=None) -> dict:
     def kd(logits, probs, y):
         if cfg.loss == "dist":
             return dist_loss(logits, probs, T=cfg.temperature)
-        return kd_loss(logits, probs, y, T=cfg.temperature, alpha=cfg.alpha)
+        return kd_loss(logits, probs, y, T=cfg.temperature, alpha=cfg.alpha if y is not None else 0.0)
 
     def loss_fn(net, idx, gen):
         y = data.labels[idx].to(device)
@@ -175,7 +175,13 @@ def main(argv=None) -> dict:
             x = apply_views(data.grey[idx], params).to(device).float() / 255      # (B, 1, 100, 100)
             if cfg.scratch:
                 return {"loss": label_smoothing_ce(net(x), y, cfg.label_smoothing)}
-            return kd(net(x), targets[idx, k].float().to(device), y)
+            probs = targets[idx, k].float().to(device)
+            if cfg.mixup > 0:
+                # Mixed inputs get the mix of the stored ensemble targets: an approximation of
+                # the teacher on the mixed image (function matching) that costs no teacher pass.
+                x, probs = mixup_cutmix(x, probs, len(data.classes), cfg.mixup, 0.0, gen)
+                return kd(net(x), probs, None)
+            return kd(net(x), probs, y)
         # online: teachers see the RGB of the very view (and mix) the student sees
         params = random_view_params(len(idx), cfg.max_shift, generator=gen)
         both = torch.cat([apply_views(data.rgb[idx], params), apply_views(data.grey[idx], params)], 1)
