@@ -244,7 +244,7 @@ def cmd_report(args) -> None:
     timings["student"] = _stage("student predictions", t0)
     t0 = time.perf_counter()
     # identity-view logits of the whole folder (cheap when a teacher's trunk cache holds it)
-    member = torch.stack([identity_view_logits(t, data.rgb, data.fingerprint, args.batch_size)[idx]
+    member = torch.stack([identity_view_logits(t, data.rgb, data.fingerprint, args.batch_size, images=idx)
                           for t in teachers])
     e_lp = ensemble.combine_logits(member)
     teacher_names = _unique_names([t.folder for t in teachers])

@@ -493,16 +493,20 @@ def teacher_view_logits(teacher: Teacher, rgb_u8: torch.Tensor, view_params: tor
 
 
 def identity_view_logits(teacher: Teacher, rgb_u8: torch.Tensor, fingerprint: str = "",
-                         batch_size: int = 256, device: str | torch.device = "cpu") -> torch.Tensor:
-    """(N, 3, 100, 100) uint8 -> (N, C) logits on the plain images; reuses the teacher's
-    frozen-trunk cache when it holds these very images (same data fingerprint)."""
+                         batch_size: int = 256, device: str | torch.device = "cpu",
+                         images: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, 3, 100, 100) uint8 -> (N, C) logits on the plain images (only rows ``images`` when
+    given, in that order); reuses the teacher's frozen-trunk cache when it holds these very
+    images (same data fingerprint)."""
     cfg = getattr(teacher, "config", {})
     if cfg.get("trunk_cache_key") and fingerprint:
         from .augment import sample_view_params
         params = sample_view_params(len(rgb_u8), cfg["views"], cfg["max_shift"], cfg["seed"])
     else:
         params = torch.zeros((len(rgb_u8), 1, 3), dtype=torch.int8)  # view 0 is the identity
-    return teacher_view_logits(teacher, rgb_u8, params, fingerprint, batch_size, device, only_views=[0])[:, 0]
+    logits = teacher_view_logits(teacher, rgb_u8, params, fingerprint, batch_size, device, only_views=[0],
+                                 images=images)[:, 0]
+    return logits if images is None else logits[images]
 
 
 def combine_view_targets(member_logits: torch.Tensor, weights: torch.Tensor,
