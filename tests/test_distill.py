@@ -364,3 +364,22 @@ def test_state_dict_of_another_config_is_refused(world, tmp_path):
     torch.save(student_state(wide), tmp_path / "wide.pth")
     with pytest.raises(ContractError, match="does not fit"):
         load_student(world.arch, tmp_path / "wide.pth")
+
+
+def test_shared_trunk_logits_equal_full_forward_when_cache_is_cold(world, tmp_path, monkeypatch):
+    """Fold teachers of one recipe share one trunk pass when no trunk cache is on disk, and get
+    exactly what each teacher's own full forward gives; the on-disk cache path agrees too."""
+    from toolkit.teachers import load_teacher, members_identity_logits, predict_logits
+    second = train_tiny_teacher(world.data, world.root / "trunk_teachers" / "fold2", fold=2, folds=3,
+                                frozen_stages=2)
+    teachers = [load_teacher(world.trunk), load_teacher(second)]
+    assert teachers[0].config["trunk_cache_key"] == teachers[1].config["trunk_cache_key"]
+    data = load_course_folder(world.data, progress=False)
+    images = torch.tensor([5, 0, 7, 3])
+    full = torch.stack([predict_logits(t, data.rgb[images]) for t in teachers])
+    warm = members_identity_logits(teachers, data.rgb, data.fingerprint, images)   # trunk cache on disk
+    monkeypatch.setenv("TOOLKIT_CACHE", str(tmp_path / "cold"))
+    cold = members_identity_logits(teachers, data.rgb, data.fingerprint, images)   # shared trunk pass
+    assert torch.allclose(cold, full, atol=1e-5)
+    assert torch.allclose(warm, full, atol=5e-2)   # fp16 cached features
+    assert (warm.argmax(-1) == full.argmax(-1)).float().mean() >= 0.75

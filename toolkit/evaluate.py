@@ -31,7 +31,7 @@ import torch
 from .data import DataError, list_images, load_course_folder, load_image_files
 from .io import atomic_write_json, atomic_write_text, ensure_writable_dir
 from .student import ContractError, load_student
-from .teachers import (Ensemble, TeacherError, find_teacher_folders, identity_view_logits, load_teacher,
+from .teachers import (Ensemble, TeacherError, find_teacher_folders, load_teacher, members_identity_logits,
                        predict_logits)
 
 # The course's classes; ids are their sorted order, as the grading server assigns them.
@@ -244,8 +244,7 @@ def cmd_report(args) -> None:
     timings["student"] = _stage("student predictions", t0)
     t0 = time.perf_counter()
     # identity-view logits of the whole folder (cheap when a teacher's trunk cache holds it)
-    member = torch.stack([identity_view_logits(t, data.rgb, data.fingerprint, args.batch_size, images=idx)
-                          for t in teachers])
+    member = members_identity_logits(teachers, data.rgb, data.fingerprint, idx, args.batch_size)
     e_lp = ensemble.combine_logits(member)
     teacher_names = _unique_names([t.folder for t in teachers])
     timings["teachers"] = _stage(f"teacher predictions ({len(teachers)})", t0)

@@ -554,3 +554,42 @@ def oof_teacher_mask(teachers: list[Teacher], folds: torch.Tensor,
     mask = torch.stack([~teacher_saw(t, folds, labels) for t in teachers])
     mask[:, ~mask.any(0)] = True
     return mask
+
+
+@torch.no_grad()
+def members_identity_logits(teachers: list[Teacher], rgb_u8: torch.Tensor, fingerprint: str = "",
+                            images: torch.Tensor | None = None, batch_size: int = 256,
+                            device: str | torch.device = "cpu") -> torch.Tensor:
+    """(M, n, C) logits of every teacher on the plain images (rows ``images`` if given).
+
+    Teachers trained with the same frozen trunk (same trunk_cache_key, and bit-identical frozen
+    weights, which is checked) share one trunk pass when no trunk cache is on disk: the trunk is
+    most of a teacher's cost, so a k-fold ensemble costs about one teacher plus k heads.
+    """
+    from tqdm import tqdm
+    from .data import default_cache_dir
+    out: list[torch.Tensor | None] = [None] * len(teachers)
+    groups: dict[str, list[int]] = {}
+    for i, t in enumerate(teachers):
+        key = getattr(t, "config", {}).get("trunk_cache_key")
+        if key and not (default_cache_dir() / f"trunk-{key}.pt").is_file():
+            groups.setdefault(key, []).append(i)
+        else:
+            out[i] = identity_view_logits(t, rgb_u8, fingerprint, batch_size, device, images)
+    sel = rgb_u8 if images is None else rgb_u8[images]
+    for members in groups.values():
+        splits = [TrunkSplit(teachers[m].backbone, teachers[m].config["frozen_stages"]).eval() for m in members]
+        first = [p for p in splits[0].trunk_parameters()]
+        shared = [m for m, s in zip(members, splits)
+                  if all(torch.equal(a, b) for a, b in zip(first, s.trunk_parameters()))]
+        for m in set(members) - set(shared):  # trunks differ after all: run it in full
+            out[m] = identity_view_logits(teachers[m], rgb_u8, fingerprint, batch_size, device, images)
+        lead = teachers[shared[0]].to(device).eval()
+        heads = [[] for _ in shared]
+        for i in tqdm(range(0, len(sel), batch_size), desc=f"shared trunk ({len(shared)} teachers)", leave=False):
+            features = splits[0].trunk(lead.prepare(sel[i:i + batch_size].to(device)))
+            for h, m in enumerate(shared):
+                heads[h].append(splits[members.index(m)].head(features).float().cpu())
+        for h, m in enumerate(shared):
+            out[m] = torch.cat(heads[h])
+    return torch.stack(out)
