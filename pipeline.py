@@ -13,7 +13,6 @@ Why this recipe (measured on this 2-core CPU, see README):
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path

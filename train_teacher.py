@@ -27,7 +27,7 @@ from toolkit.data import ClassBalancedSampler, DataError, default_cache_dir, loa
 from toolkit.engine import (Trainer, epoch_index_batches, init_distributed, make_optimizer, run_info,
                             save_run_config, seed_everything, warmup_cosine)
 from toolkit.io import atomic_save
-from toolkit.teachers import TrunkSplit, build_teacher, compute_trunk_features, save_teacher
+from toolkit.teachers import TrunkSplit, build_teacher, compute_trunk_features, load_trunk_file, save_teacher
 
 
 @dataclass
@@ -166,7 +166,7 @@ def trunk_features(cfg, data, teacher, split, device, verbose):
     path = default_cache_dir() / f"trunk-{trunk_cache_key(cfg, data.fingerprint)}.pt"
     if path.is_file():
         try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
+            blob = load_trunk_file(path, path.stat().st_mtime_ns)
             if torch.equal(blob["view_params"], view_params):
                 return blob["features"], view_params
         except Exception as err:

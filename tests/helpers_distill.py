@@ -9,13 +9,16 @@ Everything is tiny so that end-to-end runs take seconds on a loaded 2-core CPU:
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -244,3 +247,24 @@ def kill_when_paused(proc, marker: Path, timeout: float = 240.0) -> None:
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL
+
+
+@contextlib.contextmanager
+def tiny_world(root: Path, trunk_teacher: bool = False):
+    """A data folder, a 3-class student arch and three fold teachers (folds=3) under ``root``,
+    sharing one cache folder; torch single-threaded meanwhile. With ``trunk_teacher``, also one
+    teacher trained on its cached frozen trunk (2 views, max_shift 8, seed 0)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("TOOLKIT_CACHE", str(root / "cache"))
+            data = make_course_folder(root / "data")
+            arch = write_arch(root / "arch.py")
+            teachers = [train_tiny_teacher(data, root / "teachers" / f"fold{f}", fold=f, folds=3) for f in range(3)]
+            trunk = (train_tiny_teacher(data, root / "trunk_teachers" / "fold1", fold=1, folds=3, frozen_stages=2)
+                     if trunk_teacher else None)
+            yield SimpleNamespace(root=root, cache=root / "cache", data=data, arch=arch, teachers=teachers,
+                                  trunk=trunk)
+    finally:
+        torch.set_num_threads(threads)

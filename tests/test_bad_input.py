@@ -2,7 +2,6 @@
 culprit file or row; odd but valid images (CMYK, RGBA, palette, 16-bit, tiny, huge) decode."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np

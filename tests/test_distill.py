@@ -22,8 +22,8 @@ import pytest
 import torch
 
 import distill
-from helpers_distill import (CLASSES, ROOT, build_tiny_teacher, distill_argv, file_bytes, make_course_folder,
-                             read_state, student_state, subprocess_env, tmp_files, train_tiny_teacher, write_arch)
+from helpers_distill import (CLASSES, ROOT, build_tiny_teacher, distill_argv, file_bytes, read_state, student_state, subprocess_env, tiny_world, tmp_files, train_tiny_teacher,
+                             write_arch)
 from toolkit.augment import apply_views, sample_view_params
 from toolkit.data import DataError, load_course_folder, stratified_folds
 from toolkit.student import ContractError, check_state_dict_matches, load_student
@@ -36,17 +36,8 @@ from toolkit.teachers import (TEACHER_FILE, Ensemble, TeacherError, _cached_trun
 def world(tmp_path_factory):
     """Data folder, 3-class student arch, three fold teachers (folds=3) and one teacher trained
     on its cached frozen trunk (2 views, max_shift 8, seed 0), all sharing one cache folder."""
-    root = tmp_path_factory.mktemp("distill")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TOOLKIT_CACHE", str(root / "cache"))
-        data = make_course_folder(root / "data")
-        arch = write_arch(root / "arch.py")
-        teachers = [train_tiny_teacher(data, root / "teachers" / f"fold{f}", fold=f, folds=3) for f in range(3)]
-        trunk = train_tiny_teacher(data, root / "trunk_teachers" / "fold1", fold=1, folds=3, frozen_stages=2)
-        yield SimpleNamespace(root=root, cache=root / "cache", data=data, arch=arch, teachers=teachers, trunk=trunk)
-    torch.set_num_threads(threads)
+    with tiny_world(tmp_path_factory.mktemp("distill"), trunk_teacher=True) as world:
+        yield world
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import torch
 
 import distill
 from helpers_distill import (ROOT, distill_argv, file_bytes, kill_when_paused, make_course_folder, read_state,
-                             start_paused_run, student_state, tmp_files, train_tiny_teacher, build_tiny_teacher,
+                             start_paused_run, student_state, tiny_world, tmp_files, build_tiny_teacher,
                              write_arch)
 from toolkit.engine import CHECKPOINT, NonFiniteLossError
 from toolkit.io import atomic_save
@@ -28,16 +28,8 @@ from toolkit.student import exec_architecture, load_student
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("reliability")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TOOLKIT_CACHE", str(root / "cache"))
-        data = make_course_folder(root / "data")
-        arch = write_arch(root / "arch.py")
-        teachers = [train_tiny_teacher(data, root / "teachers" / f"fold{f}", fold=f, folds=3) for f in range(3)]
-        yield SimpleNamespace(root=root, cache=root / "cache", data=data, arch=arch, teachers=teachers)
-    torch.set_num_threads(threads)
+    with tiny_world(tmp_path_factory.mktemp("reliability")) as world:
+        yield world
 
 
 @pytest.fixture

@@ -426,7 +426,7 @@ def compute_trunk_features(teacher: Teacher, split: TrunkSplit, rgb_u8: torch.Te
 # Soft targets for distillation: the ensemble on K fixed views of every image
 # ----------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=1)
-def _load_trunk_file(path: Path, mtime_ns: int) -> dict:
+def load_trunk_file(path: Path, mtime_ns: int) -> dict:
     """Teachers of one recipe share one trunk file (~1 GB): read it once per process."""
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -439,7 +439,7 @@ def _cached_trunk_features(teacher: Teacher, view_params: torch.Tensor, fingerpr
     if not key or not path.is_file():
         return None
     try:
-        blob = _load_trunk_file(path, path.stat().st_mtime_ns)
+        blob = load_trunk_file(path, path.stat().st_mtime_ns)
     except Exception:
         return None
     if blob["view_params"].shape != view_params.shape or not torch.equal(blob["view_params"], view_params):
