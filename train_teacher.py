@@ -83,9 +83,7 @@ def main(argv=None) -> dict:
     teacher = build_teacher(cfg.model, data.classes, cfg.input_mode, cfg.input_size, cfg.pretrained)
     cached = cfg.trunk_cache and cfg.frozen_stages > 0
     model = TrunkSplit(teacher.backbone, cfg.frozen_stages) if cfg.frozen_stages > 0 else teacher.backbone
-    teacher.to(device)
-    if device.type == "cuda":
-        teacher.to(memory_format=torch.channels_last)
+    teacher.to(device)  # (channels_last already: see Teacher)
     if cached:
         features, view_params = trunk_features(cfg, data, teacher, model, device, env.is_main)
         model.takes_features = True

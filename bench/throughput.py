@@ -2,14 +2,16 @@
 
     python bench/throughput.py [--data DIR] [--teachers DIR ...] [--steps N]
 
-Student: the pipeline's cached-target step (uint8 tensor in memory, batch view gather, KD on
-stored ensemble probabilities) vs a naive PIL-per-sample DataLoader that runs the teacher
-ensemble online every step. Teacher: a step on cached frozen-trunk features vs a full
+Student: the pipeline's step (KD on stored ensemble probabilities of fixed views; with the
+default recipe the student's frozen first stages were run once per view, so the step trains
+the rest on their cached features) vs a naive PIL-per-sample DataLoader that runs the teacher
+ensemble online every step and the whole student. Teacher: a step on cached frozen-trunk features vs a full
 forward/backward of the backbone on PIL-loaded images.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -20,10 +22,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from distill import DistillConfig  # noqa: E402
 from toolkit.augment import apply_views, sample_view_params  # noqa: E402
 from toolkit.data import fit_to_square, image_to_rgb_array, load_course_folder, rgb_to_server_grey  # noqa: E402
 from toolkit.losses import kd_loss  # noqa: E402
-from toolkit.student import exec_architecture  # noqa: E402
+from toolkit.student import StudentInput, exec_architecture  # noqa: E402
 from toolkit.teachers import TrunkSplit, build_teacher, find_teacher_folders, load_teacher  # noqa: E402
 
 
@@ -70,19 +73,31 @@ def main():
           f"{torch.get_num_threads()} threads")
     bs = args.batch_size
     student = exec_architecture("architecture.py")["model"].train()
+    frozen = DistillConfig().student_frozen_stages
     opt = torch.optim.AdamW(student.parameters(), 1e-3)
 
-    # --- student: pipeline (cached targets) ---------------------------------------------
+    # --- student: pipeline (cached views, cached frozen-stage features, stored targets) ---
     k = 4
     params = sample_view_params(len(data), k, 8, 0)
     targets = torch.softmax(torch.randn(len(data), k, len(data.classes)), -1).half()  # stands in for the stored ensemble probs
+    split = TrunkSplit(copy.deepcopy(student), frozen) if frozen else None
+    pool = torch.randint(0, len(data), (4 * bs,))  # features of a few batches stand in for the on-disk cache
+    with torch.no_grad():
+        cached = (split.trunk(StudentInput(split.backbone).prepare(apply_views(data.grey[pool], params[pool, 0].long())))
+                  .half() if split else None)
+    if split:
+        split.takes_features = True
+    s_opt = torch.optim.AdamW([p for p in (split or student).parameters() if p.requires_grad], 1e-3)
 
     def pipeline_student_step():
-        idx = torch.randint(0, len(data), (bs,))
-        v = torch.randint(0, k, (bs,))
-        x = apply_views(data.grey[idx], params[idx, v].long()).float() / 255
-        loss = kd_loss(student(x), targets[idx, v].float(), data.labels[idx], T=2.0, alpha=0.1)["loss"]
-        opt.zero_grad(); loss.backward(); opt.step()
+        j = torch.randint(0, len(pool), (bs,))
+        idx, v = pool[j], torch.randint(0, k, (bs,))
+        if split is not None:   # the default recipe: frozen stages' features were computed once
+            logits = split.train()(cached[j].float())
+        else:
+            logits = student(apply_views(data.grey[idx], params[idx, v].long()).float() / 255)
+        loss = kd_loss(logits, targets[idx, v].float(), data.labels[idx], T=2.0, alpha=0.1)["loss"]
+        s_opt.zero_grad(); loss.backward(); s_opt.step()
 
     # --- student: naive (PIL DataLoader + online ensemble) ------------------------------
     loader = torch.utils.data.DataLoader(NaiveDataset(data.folder, data.names, data.labels),

@@ -65,10 +65,14 @@ def make_course_folder(folder: Path, counts: dict[str, int] | None = None, size:
 # Student
 # ----------------------------------------------------------------------------------------
 def write_arch(path: Path, num_classes: int = 3, widths: tuple = (8, 16, 16, 16)) -> Path:
-    """architecture.py with ``model = MyCNN(...)`` replaced by a narrow ``num_classes`` model."""
+    """architecture.py with ``model = MyCNN(...)`` replaced by a narrow ``num_classes`` model:
+    a depthwise-separable stage of widths[0] channels, then one inverted-residual stage
+    (stride 2, expansion 2) per further width."""
+    stages = [("ds", 3, 1, 1, widths[0], 1)] + [("ir", 3, 2, 2, w, 1) for w in widths[1:]]
     text = (ROOT / "architecture.py").read_text()
-    new, n = re.subn(r"^model = MyCNN\(.*\)\s*$", f"model = MyCNN(num_classes={num_classes}, widths={tuple(widths)})",
-                     text, flags=re.M)
+    new, n = re.subn(r"^model = MyCNN\(.*\)\s*$",
+                     f"model = MyCNN(num_classes={num_classes}, stages={tuple(stages)}, stem_width={widths[0]}, "
+                     f"head_width={2 * widths[-1]})", text, flags=re.M)
     assert n == 1, "architecture.py no longer ends with 'model = MyCNN(...)'"
     path = Path(path)
     path.write_text(new)
@@ -126,7 +130,8 @@ def distill_argv(data: Path, arch: Path, out: Path, work: Path, teachers=(), **f
     """distill.py flags for a tiny run; keyword flags override (``views=2`` -> ``--views 2``,
     True -> ``--flag``, False -> ``--no-flag``)."""
     base = {"views": 2, "epochs": 2, "batch_size": 8, "folds": 3, "val_fold": 0, "device": "cpu",
-            "checkpoint_every": 0, "lr": 0.3, "warmup_epochs": 0.5}
+            "checkpoint_every": 0, "lr": 0.3, "warmup_epochs": 0.5,
+            "student_init": "none", "student_frozen_stages": 0}
     base.update(flags)
     argv = ["--data", str(data), "--arch", str(arch), "--out", str(out), "--work-dir", str(work)]
     if teachers:

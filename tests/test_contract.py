@@ -211,3 +211,27 @@ def test_load_student_rejects_missing_and_non_dict_weights(tmp_path):
     torch.save(torch.zeros(3), path)
     with pytest.raises(ContractError, match=str(path)):
         load_student(ARCH, path)
+
+
+# ---- MyCNN is timm's efficientnet_lite0 (one-channel stem) in plain torch ---------------
+def test_mycnn_equals_timm_efficientnet_lite0_with_the_same_weights():
+    """Same parameter names, and the same outputs in train and eval mode (eval folds BatchNorm
+    into the convolutions): ImageNet weights and timm-trained models load into MyCNN as is."""
+    import timm
+    ours = server_namespace(ARCH.read_text(), str(ARCH))["MyCNN"]()
+    torch.manual_seed(0)
+    theirs = timm.create_model("efficientnet_lite0", num_classes=20, in_chans=1, drop_rate=0.0)
+    with torch.no_grad():  # non-trivial BatchNorm statistics, or folding is not exercised
+        for m in theirs.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.3, 0.3), m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    ours.dropout.p = 0.0
+    x = rand(6, 1, 100, 100, seed=5)
+    normalised = (x - 0.5) / 0.5  # MyCNN normalises its own [0, 1] input
+    for mode in (False, True):
+        ours.train(mode), theirs.train(mode)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), theirs(normalised), atol=2e-4, rtol=1e-4)

@@ -81,13 +81,24 @@ def _reload_decodes(folder, spy) -> bool:
     return spy.calls > before, data
 
 
-def test_cache_rebuilt_when_mtime_changes(make_course, cache_dir, spy):
+def test_cache_kept_when_only_mtime_changes_and_rebuilt_when_bytes_change(make_course, cache_dir, spy):
+    """The fingerprint is the content: new mtimes (a fresh copy of the data) keep the cache; a
+    byte changed with the same size and mtime rebuilds it."""
     folder = make_course(n=6)
-    load_course_folder(folder, progress=False)
-    st = (folder / "0000002.jpg").stat()
-    os.utime(folder / "0000002.jpg", ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
-    rebuilt, _ = _reload_decodes(folder, spy)
-    assert rebuilt
+    before = load_course_folder(folder, progress=False)
+    path = folder / "0000002.jpg"
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    rebuilt, same = _reload_decodes(folder, spy)
+    assert not rebuilt and same.fingerprint == before.fingerprint
+    raw = bytearray(path.read_bytes())
+    dqt = raw.index(b"\xff\xdb")  # first quantisation table: still a valid JPEG, other pixels
+    raw[dqt + 5] = raw[dqt + 5] + 1 if raw[dqt + 5] < 255 else 254
+    path.write_bytes(bytes(raw))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size
+    rebuilt, changed = _reload_decodes(folder, spy)
+    assert rebuilt and changed.fingerprint != before.fingerprint
     assert not _reload_decodes(folder, spy)[0]  # and the new cache is then used
 
 

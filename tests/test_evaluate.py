@@ -73,7 +73,7 @@ def weights(tmp_path_factory):
     torch.manual_seed(0)
     model = exec_architecture(ARCH)["model"]
     with torch.no_grad():
-        model.head[-1].weight.mul_(20)
+        model.classifier.weight.mul_(20)
     path = tmp_path_factory.mktemp("student") / "model.pth"
     torch.save(model.state_dict(), path)
     return path
@@ -347,15 +347,15 @@ def test_unknown_class_is_one_line(tmp_path, weights, teacher_dir):
 def test_weights_that_do_not_fit(folder, tmp_path):
     model = exec_architecture(ARCH)["model"]
     state = model.state_dict()
-    state["head.3.weight"] = torch.zeros(10, state["head.3.weight"].shape[1])  # 10 classes, not 20
-    state["head.3.bias"] = torch.zeros(10)
+    state["classifier.weight"] = torch.zeros(10, state["classifier.weight"].shape[1])  # 10 classes, not 20
+    state["classifier.bias"] = torch.zeros(10)
     bad = tmp_path / "bad.pth"
     torch.save(state, bad)
     for cmd in (["grader", "--data", str(folder)], ["export", "--out", str(tmp_path / "x")]):
         with pytest.raises(SystemExit) as e:
             main([*cmd, "--arch", str(ARCH), "--weights", str(bad)])
         msg = error_line(e)
-        assert str(bad) in msg and "does not fit" in msg and "head.3.weight" in msg
+        assert str(bad) in msg and "does not fit" in msg and "classifier.weight" in msg
 
 
 def test_architecture_importing_numpy(folder, weights, tmp_path):
@@ -369,7 +369,7 @@ def test_architecture_importing_numpy(folder, weights, tmp_path):
 
 def test_other_bad_inputs(folder, weights, teacher_dir, tmp_path):
     broken = tmp_path / "broken.py"
-    broken.write_text(ARCH.read_text().replace("model = MyCNN()", "model = MyCNN(widths=undefined_name)"))
+    broken.write_text(ARCH.read_text().replace("model = MyCNN()", "model = MyCNN(stages=undefined_name)"))
     with pytest.raises(SystemExit) as e:
         main(["grader", "--data", str(folder), "--arch", str(broken), "--weights", str(weights)])
     assert str(broken) in error_line(e) and "undefined_name" in error_line(e)

@@ -336,7 +336,7 @@ def cmd_predict(args) -> None:
 # export: TorchScript + ONNX with parity checks
 # ----------------------------------------------------------------------------------------
 class ExportWrapper(torch.nn.Module):
-    """The student's eval-mode computation (flip TTA included) as one traceable graph.
+    """The student's eval-mode computation (one chunk, any batch size) as one traceable graph.
 
     MyCNN.forward splits big batches into chunks with a Python loop whose length a trace
     would freeze; the exported graph takes any batch at once via ``_eval_logits`` instead.
@@ -381,8 +381,8 @@ def export_student(model: torch.nn.Module, parity_inputs: torch.Tensor, out_dir:
         try:
             tmp = onnx_path.with_name(f".{onnx_path.name}.tmp")
             torch.onnx.export(wrapper, (example,), str(tmp), dynamo=False, opset_version=opset,
-                              input_names=["image"], output_names=["log_probs"],
-                              dynamic_axes={"image": {0: "batch"}, "log_probs": {0: "batch"}})
+                              input_names=["image"], output_names=["logits"],
+                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
             onnx.checker.check_model(str(tmp))
             os.replace(tmp, onnx_path)
         except Exception as err:

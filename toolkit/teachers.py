@@ -174,7 +174,9 @@ class Teacher(nn.Module):
 
     def __init__(self, backbone: nn.Module, model_name: str, classes: list[str], spec: InputSpec):
         super().__init__()
-        self.backbone, self.model_name, self.classes, self.spec = backbone, model_name, list(classes), spec
+        # channels_last: 2.3x faster convolutions on this CPU (oneDNN), and the usual GPU layout.
+        self.backbone = backbone.to(memory_format=torch.channels_last)
+        self.model_name, self.classes, self.spec = model_name, list(classes), spec
         c = spec.channels
         self.register_buffer("mean", torch.tensor(spec.mean[:c]).view(1, c, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std[:c]).view(1, c, 1, 1), persistent=False)
@@ -187,7 +189,7 @@ class Teacher(nn.Module):
         if x.shape[-1] != self.spec.size or x.shape[-2] != self.spec.size:
             x = F.interpolate(x, size=(self.spec.size, self.spec.size), mode="bilinear",
                               align_corners=False, antialias=self.spec.size < x.shape[-1])
-        return (x - self.mean) / self.std
+        return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
 
     def forward(self, rgb: torch.Tensor) -> torch.Tensor:
         return self.backbone(self.prepare(rgb))
@@ -387,6 +389,7 @@ class TrunkSplit(nn.Module):
 
     def head(self, f: torch.Tensor) -> torch.Tensor:
         b = self.backbone
+        f = f.contiguous(memory_format=torch.channels_last)  # cached features come contiguous
         if self.kind == "efficientnet":
             f = b.blocks[self.frozen_stages:](f)
             if hasattr(b, "bn2"):  # EfficientNet: conv_head + bn2 belong to forward_features
