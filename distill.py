@@ -8,7 +8,10 @@ Cached mode (default): the ensemble's probabilities on K fixed views of every im
 (identity, mirror, shifted crops) are computed once and stored (N, K, C) in fp16; the student
 is trained on exactly those views of the server's grey image, so its targets always match
 what it sees (Beyer et al. 2022, "patient and consistent"; FKD, Shen & Xing 2021). Each image
-is labelled by the teachers that never trained on it (out-of-fold targets).
+is labelled by the teachers that never trained on it (out-of-fold targets). The student
+(EfficientNet-Lite0 with a grey stem) starts from ImageNet weights; its stem and first
+--student-frozen-stages stages stay fixed, so their features of the K views are computed once
+too, and each step trains only the rest.
 Online mode: the teachers run on the student's own augmented batch (mixup/cutmix allowed).
 """
 from __future__ import annotations
@@ -51,7 +54,7 @@ class DistillConfig:
     teacher_weights: list[float] = field(default_factory=list)
     calibrate: bool = False          # fit the ensemble's temperature on the val fold
     mode: str = "cached"             # cached | online
-    views: int = 4                   # cached views per image (0: identity, 1: mirror, rest shifted)
+    views: int = 8                   # cached views per image (0: identity, 1: mirror, rest shifted)
     max_shift: int = 8
     view_seed: int = 0               # the teachers' seed: the same views reuse their trunk cache
     loss: str = "kd"                 # kd | dist

@@ -8,8 +8,10 @@ Why this recipe (measured on this 2-core CPU, see README):
     is paid once and shared by all folds' teachers and by the soft-target pass;
   * one teacher per fold of a 5-fold split: each labels the fold it never saw, because
     soft labels a teacher gives its own training images are over-confident;
-  * the student (architecture.py) learns from those out-of-fold ensemble targets on exactly
-    the views they were computed for, with class-balanced sampling.
+  * the student (architecture.py: EfficientNet-Lite0 with a grey stem at the server's 100 px,
+    from ImageNet weights, stem + 2 stages frozen and cached like the teachers' trunk) learns
+    from those out-of-fold ensemble targets on exactly the views they were computed for, with
+    class-balanced sampling, for 10 epochs (its fold-0 accuracy plateaus from epoch 7).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ class PipelineConfig:
     pretrained: str = "offline"
     teacher_epochs: int = 6
     folds: int = 5
-    views: int = 4
+    views: int = 8
     student_epochs: int = 10
     seed: int = 0
     out: str = "model.pth"
