@@ -50,7 +50,7 @@ class TeacherConfig:
     balance_power: float = 0.5       # class-balanced sampling: class drawn ~ n_c ** power
     frozen_stages: int = 5           # stem + this many stages frozen; 0 = full fine-tune
     trunk_cache: bool = True         # cache frozen-trunk features of `views` fixed views
-    views: int = 4                   # cached views per image: identity, mirror, shifted crops
+    views: int = 8                   # cached views per image: identity, mirror, shifted crops
     max_shift: int = 8               # pixels, for shifted views / random translation
     trivial_augment: bool = True     # online mode only (no trunk cache)
     mixup: float = 0.0               # online mode only: mixup alpha (0 = off)
