@@ -139,7 +139,7 @@ def main():
     fast = timed(args.steps * 2, pipeline_teacher_step, bs)
     slow = timed(max(2, args.steps // 2), naive_teacher_step, bs)
     print(f"teacher  pipeline {fast:8.1f} img/s   naive {slow:8.1f} img/s   ratio {fast / slow:5.1f}x"
-          "   (pipeline excludes the one-off frozen-trunk pass: about 13 min for 4 views of 9,985 images)")
+          "   (pipeline excludes the one-off frozen-trunk pass: about 17 min for 8 views of 9,985 images)")
 
 
 if __name__ == "__main__":

@@ -268,7 +268,7 @@ def _markdown(m: dict, meta: dict, efficiency: dict, timings: dict, examples_sho
         threads = threads or e.get("latency_threads")
     L.append("")
     L.append("MACs via torch.utils.flop_counter (FLOPs / 2; convolutions and matmuls only) of the eval-mode "
-             "forward, i.e. including the student's flip test-time augmentation (two views per image). "
+             "forward, i.e. whatever the student does in eval mode (test-time augmentation included, if any). "
              f"Latency: CPU wall clock with {threads or '?'} torch thread(s), median of repeated runs on real "
              "images; on a machine busy with other work it is noisy and an upper bound.\n")
 
