@@ -11,7 +11,8 @@ Why this recipe (measured on this 2-core CPU, see README):
   * the student (architecture.py: EfficientNet-Lite0 with a grey stem at the server's 100 px,
     from ImageNet weights, stem + 2 stages frozen and cached like the teachers' trunk) learns
     from those out-of-fold ensemble targets on exactly the views they were computed for, with
-    class-balanced sampling, for 10 epochs (its fold-0 accuracy plateaus from epoch 7).
+    class-balanced sampling (KD, T = 1, alpha = 0.5), for 10 epochs (fold-0 accuracy plateaus
+    from epoch 7).
 """
 from __future__ import annotations
 
