@@ -16,7 +16,6 @@ Online mode: the teachers run on the student's own augmented batch (mixup/cutmix
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -168,11 +167,8 @@ def main(argv=None) -> dict:
     # --- student: its frozen first stages run once per cached view, the rest trains -------
     net, features = student, None
     if cfg.student_frozen_stages > 0 and (cfg.scratch or cfg.mode == "cached"):
-        key = hashlib.sha1(repr((Path(cfg.arch).read_text(), cfg.student_init, cfg.student_timm_name,
-                                 cfg.student_frozen_stages, view_params.tolist()[:50], cfg.views,
-                                 cfg.max_shift, cfg.view_seed, data.fingerprint)).encode()).hexdigest()[:16]
         net, features = student_trunk_features(student, cfg.student_frozen_stages, data.grey, view_params,
-                                               key, device, verbose=env.is_main)
+                                               data.fingerprint, device, verbose=env.is_main)
         net.takes_features = True                                         # features: (N, K, C', h, w)
 
     # --- optimisation --------------------------------------------------------------------

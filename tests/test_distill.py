@@ -140,7 +140,7 @@ def test_student_frozen_stages_train_only_the_rest(world, shared_cache, tmp_path
     assert cached, "no student trunk cache was written"
     blob = torch.load(cached[-1], weights_only=True)
     assert torch.equal(blob["view_params"], params)
-    split, features = student_trunk_features(student, 2, data.grey, params, "recomputed", verbose=False)
+    split, features = student_trunk_features(student, 2, data.grey, params, data.fingerprint, verbose=False)
     assert features.shape[:2] == (len(data), 2)
     for i, k in [(0, 0), (7, 1), (30, 1)]:
         view = apply_views(data.grey[i:i + 1], params[i, k][None].long())

@@ -119,16 +119,23 @@ class StudentInput:
 
 
 def student_trunk_features(student: torch.nn.Module, frozen_stages: int, grey_u8: torch.Tensor,
-                           view_params: torch.Tensor, cache_key: str, device="cpu", verbose=True):
-    """(N, K, C', h, w) fp16 features of the student's frozen first stages on K views of the
-    server's grey images, computed once and kept on disk under ``cache_key`` (which must name
-    everything they depend on: architecture, initial weights, stages, views, data)."""
+                           view_params: torch.Tensor, fingerprint: str, device="cpu", verbose=True):
+    """-> (TrunkSplit of the student, (N, K, C', h, w) fp16 features of its frozen first stages
+    on K views of the server's grey images). Computed once and kept on disk, keyed by all they
+    depend on: the frozen modules (structure and every weight and statistic), the views and the
+    data's fingerprint."""
+    import hashlib
     import time
     from .data import default_cache_dir
     from .io import atomic_save
     from .teachers import TrunkSplit, compute_trunk_features, load_trunk_file
     split = TrunkSplit(student, frozen_stages)
-    path = default_cache_dir() / f"student-trunk-{cache_key}.pt"
+    h = hashlib.sha1(f"{fingerprint}|{split.trunk_modules()!r}".encode())
+    for m in split.trunk_modules():
+        for t in m.state_dict().values():
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    h.update(view_params.contiguous().numpy().tobytes())
+    path = default_cache_dir() / f"student-trunk-{h.hexdigest()[:16]}.pt"
     if path.is_file():
         try:
             blob = load_trunk_file(path, path.stat().st_mtime_ns)

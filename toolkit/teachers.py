@@ -359,6 +359,7 @@ class TrunkSplit(nn.Module):
             raise TeacherError(f"--frozen-stages must be in 1..{n_stages - 1} for this model")
         for p in self.trunk_parameters():
             p.requires_grad_(False)
+        self.train(backbone.training)  # the trunk is in eval mode from the start, not after .train()
         self.takes_features = False  # True: forward() receives cached trunk features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
