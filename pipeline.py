@@ -4,7 +4,7 @@
 
 Why this recipe (measured on this 2-core CPU, see README):
   * teachers: EfficientNet-Lite0 from offline ImageNet weights, RGB 160 px, stem + 5 stages
-    frozen and their features computed once for 4 views of every image, so the trunk's cost
+    frozen and their features computed once for 8 views of every image, so the trunk's cost
     is paid once and shared by all folds' teachers and by the soft-target pass;
   * one teacher per fold of a 5-fold split: each labels the fold it never saw, because
     soft labels a teacher gives its own training images are over-confident;
