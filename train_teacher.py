@@ -13,7 +13,6 @@ augmentation is ever seen that the model could not have computed itself.
 from __future__ import annotations
 
 import hashlib
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,8 +25,7 @@ from toolkit.config import parse_config
 from toolkit.data import ClassBalancedSampler, DataError, default_cache_dir, load_course_folder, stratified_folds
 from toolkit.engine import (Trainer, epoch_index_batches, init_distributed, make_optimizer, run_info,
                             save_run_config, seed_everything, warmup_cosine)
-from toolkit.io import atomic_save
-from toolkit.teachers import TrunkSplit, build_teacher, compute_trunk_features, load_trunk_file, save_teacher
+from toolkit.teachers import TrunkSplit, build_teacher, cached_trunk_features, save_teacher
 
 
 @dataclass
@@ -162,18 +160,7 @@ def trunk_features(cfg, data, teacher, split, device, verbose):
     every fold's teacher (and distillation) reuses them."""
     view_params = sample_view_params(len(data), cfg.views, cfg.max_shift, cfg.seed)
     path = default_cache_dir() / f"trunk-{trunk_cache_key(cfg, data.fingerprint)}.pt"
-    if path.is_file():
-        try:
-            blob = load_trunk_file(path, path.stat().st_mtime_ns)
-            if torch.equal(blob["view_params"], view_params):
-                return blob["features"], view_params
-        except Exception as err:
-            print(f"warning: {path}: corrupt trunk cache ({type(err).__name__}); recomputing", file=sys.stderr)
-    t0 = time.time()
-    features = compute_trunk_features(teacher, split, data.rgb, view_params, device=device)
-    if verbose:
-        print(f"trunk features {tuple(features.shape)} in {time.time() - t0:.0f}s", flush=True)
-        atomic_save({"features": features, "view_params": view_params}, path)
+    features = cached_trunk_features(path, teacher, split, data.rgb, view_params, device, save=verbose)
     return features, view_params
 
 

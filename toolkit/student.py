@@ -125,10 +125,8 @@ def student_trunk_features(student: torch.nn.Module, frozen_stages: int, grey_u8
     depend on: the frozen modules (structure and every weight and statistic), the views and the
     data's fingerprint."""
     import hashlib
-    import time
     from .data import default_cache_dir
-    from .io import atomic_save
-    from .teachers import TrunkSplit, compute_trunk_features, load_trunk_file
+    from .teachers import TrunkSplit, cached_trunk_features
     split = TrunkSplit(student, frozen_stages)
     h = hashlib.sha1(f"{fingerprint}|{split.trunk_modules()!r}".encode())
     for m in split.trunk_modules():
@@ -136,18 +134,6 @@ def student_trunk_features(student: torch.nn.Module, frozen_stages: int, grey_u8
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
     h.update(view_params.contiguous().numpy().tobytes())
     path = default_cache_dir() / f"student-trunk-{h.hexdigest()[:16]}.pt"
-    if path.is_file():
-        try:
-            blob = load_trunk_file(path, path.stat().st_mtime_ns)
-            if torch.equal(blob["view_params"], view_params):
-                return split, blob["features"]
-        except Exception as err:
-            print(f"warning: {path}: unreadable student trunk cache ({type(err).__name__}); recomputing",
-                  file=sys.stderr)
-    t0 = time.time()
-    features = compute_trunk_features(StudentInput(student), split, grey_u8, view_params, device=device,
-                                      desc="student trunk features")
-    if verbose:
-        print(f"student trunk features {tuple(features.shape)} in {time.time() - t0:.0f}s", flush=True)
-        atomic_save({"features": features, "view_params": view_params}, path)
+    features = cached_trunk_features(path, StudentInput(student), split, grey_u8, view_params, device,
+                                     save=verbose, desc="student trunk features")
     return split, features

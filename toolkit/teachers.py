@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -424,6 +426,27 @@ def compute_trunk_features(teacher: Teacher, split: TrunkSplit, rgb_u8: torch.Te
             out = torch.empty((n, k, *feats.shape[1:]), dtype=torch.float16)
         out[idx[:, 0], idx[:, 1]] = feats
     return out
+
+
+def cached_trunk_features(path: Path, teacher, split: TrunkSplit, images_u8: torch.Tensor,
+                          view_params: torch.Tensor, device: str | torch.device = "cpu",
+                          save: bool = True, desc: str = "trunk features") -> torch.Tensor:
+    """compute_trunk_features through an on-disk cache: ``path`` is used when it holds exactly
+    these views (its name must encode everything else the features depend on); otherwise the
+    features are computed and, with ``save`` (the main rank), written atomically to ``path``."""
+    if path.is_file():
+        try:
+            blob = load_trunk_file(path, path.stat().st_mtime_ns)
+            if torch.equal(blob["view_params"], view_params):
+                return blob["features"]
+        except Exception as err:
+            print(f"warning: {path}: corrupt trunk cache ({type(err).__name__}); recomputing", file=sys.stderr)
+    t0 = time.time()
+    features = compute_trunk_features(teacher, split, images_u8, view_params, device=device, desc=desc)
+    if save:
+        print(f"{desc} {tuple(features.shape)} in {time.time() - t0:.0f}s", flush=True)
+        atomic_save({"features": features, "view_params": view_params}, path)
+    return features
 
 
 # ----------------------------------------------------------------------------------------
