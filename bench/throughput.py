@@ -73,12 +73,13 @@ def main():
           f"{torch.get_num_threads()} threads")
     bs = args.batch_size
     student = exec_architecture("architecture.py")["model"].train()
-    frozen = DistillConfig().student_frozen_stages
+    recipe = DistillConfig()  # the default distillation recipe: views, frozen stages, KD settings
+    frozen = recipe.student_frozen_stages
     opt = torch.optim.AdamW(student.parameters(), 1e-3)
 
     # --- student: pipeline (cached views, cached frozen-stage features, stored targets) ---
-    k = 4
-    params = sample_view_params(len(data), k, 8, 0)
+    k = recipe.views
+    params = sample_view_params(len(data), k, recipe.max_shift, 0)
     targets = torch.softmax(torch.randn(len(data), k, len(data.classes)), -1).half()  # stands in for the stored ensemble probs
     split = TrunkSplit(copy.deepcopy(student), frozen) if frozen else None
     pool = torch.randint(0, len(data), (4 * bs,))  # features of a few batches stand in for the on-disk cache
@@ -96,7 +97,7 @@ def main():
             logits = split.train()(cached[j].float())
         else:
             logits = student(apply_views(data.grey[idx], params[idx, v].long()).float() / 255)
-        loss = kd_loss(logits, targets[idx, v].float(), data.labels[idx], T=2.0, alpha=0.1)["loss"]
+        loss = kd_loss(logits, targets[idx, v].float(), data.labels[idx], T=recipe.temperature, alpha=recipe.alpha)["loss"]
         s_opt.zero_grad(); loss.backward(); s_opt.step()
 
     # --- student: naive (PIL DataLoader + online ensemble) ------------------------------
@@ -108,7 +109,7 @@ def main():
         grey, rgb, y = next(batches)
         with torch.no_grad():
             probs = torch.stack([t(rgb).softmax(-1) for t in teachers]).mean(0)
-        loss = kd_loss(student(grey), probs, y, T=2.0, alpha=0.1)["loss"]
+        loss = kd_loss(student(grey), probs, y, T=recipe.temperature, alpha=recipe.alpha)["loss"]
         opt.zero_grad(); loss.backward(); opt.step()
 
     fast = timed(args.steps * 4, pipeline_student_step, bs)
