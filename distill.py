@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from toolkit.augment import apply_views, mixup_cutmix, random_view_params, sample_view_params
 from toolkit.config import parse_config
 from toolkit.data import ClassBalancedSampler, DataError, load_course_folder, stratified_folds
-from toolkit.engine import (Trainer, epoch_index_batches, init_distributed, make_optimizer, run_info,
+from toolkit.engine import (Trainer, epoch_index_batches, finish_distributed, init_distributed, make_optimizer, run_info,
                             save_run_config, seed_everything, warmup_cosine)
 from toolkit.io import atomic_save, atomic_write_json, ensure_writable_dir
 from toolkit.losses import dist_loss, kd_loss, label_smoothing_ce, soft_cross_entropy
@@ -250,5 +250,6 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     try:
         main()
+        finish_distributed()
     except (DataError, PermissionError) as err:  # TeacherError and ContractError are DataErrors too
         raise SystemExit(f"error: {err}")

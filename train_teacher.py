@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from toolkit.augment import apply_views, mixup_cutmix, random_view_params, sample_view_params, trivial_augment
 from toolkit.config import parse_config
 from toolkit.data import ClassBalancedSampler, DataError, default_cache_dir, load_course_folder, stratified_folds
-from toolkit.engine import (Trainer, epoch_index_batches, init_distributed, make_optimizer, run_info,
+from toolkit.engine import (Trainer, epoch_index_batches, finish_distributed, init_distributed, make_optimizer, run_info,
                             save_run_config, seed_everything, warmup_cosine)
 from toolkit.teachers import TrunkSplit, build_teacher, cached_trunk_features, save_teacher
 
@@ -167,5 +167,6 @@ def trunk_features(cfg, data, teacher, split, device, verbose):
 if __name__ == "__main__":
     try:
         main()
+        finish_distributed()
     except DataError as err:
         raise SystemExit(f"error: {err}")

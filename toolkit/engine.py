@@ -75,6 +75,15 @@ def init_distributed(device_name: str = "auto") -> tuple[DistEnv, torch.device]:
     return env, device
 
 
+def finish_distributed() -> None:
+    """Leave the process group cleanly: without this, a rank can exit while gloo's background
+    threads still run and abort ("terminate called without an active exception"), which
+    torchrun reports as a failed run although every rank finished its work."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
