@@ -235,3 +235,19 @@ def test_mycnn_equals_timm_efficientnet_lite0_with_the_same_weights():
         ours.train(mode), theirs.train(mode)
         with torch.no_grad():
             torch.testing.assert_close(ours(x), theirs(normalised), atol=2e-4, rtol=1e-4)
+
+
+def test_input_size_upsamples_inside_the_model():
+    """MyCNN(input_size=128) is the same network run on the bilinearly upsampled 128x128
+    picture (no mean/std or resize is left to the server); other sizes scale alike."""
+    ns = server_namespace(ARCH.read_text(), str(ARCH))
+    torch.manual_seed(0)
+    native = ns["MyCNN"]().eval()
+    upsampling = ns["MyCNN"](input_size=128).eval()
+    upsampling.load_state_dict(native.state_dict())
+    x = rand(3, 1, 100, 100, seed=6)
+    big = torch.nn.functional.interpolate(x, size=(128, 128), mode="bilinear", align_corners=False)
+    assert tuple(upsampling.normalise(x).shape) == (3, 1, 128, 128)
+    assert tuple(upsampling.normalise(rand(1, 1, 50, 75)).shape) == (1, 1, 64, 96)
+    torch.testing.assert_close(upsampling(x), native(big), atol=1e-5, rtol=1e-5)
+    assert tuple(native.normalise(x).shape) == (3, 1, 100, 100)  # None: the input's own size

