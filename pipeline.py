@@ -8,8 +8,9 @@ Why this recipe (measured on this 2-core CPU, see README):
     is paid once and shared by all folds' teachers and by the soft-target pass;
   * one teacher per fold of a 5-fold split: each labels the fold it never saw, because
     soft labels a teacher gives its own training images are over-confident;
-  * the student (architecture.py: EfficientNet-Lite0 with a grey stem at the server's 100 px,
-    from ImageNet weights, stem + 2 stages frozen and cached like the teachers' trunk) learns
+  * the student (architecture.py: EfficientNet-Lite0 with a grey stem, the server's 100 px
+    upsampled to 128 inside the model (+2.5 points on fold 0), from ImageNet weights, stem +
+    2 stages frozen and cached like the teachers' trunk) learns
     from those out-of-fold ensemble targets on exactly the views they were computed for, with
     class-balanced sampling (KD, T = 1, alpha = 0.5), for 10 epochs (fold-0 accuracy plateaus
     from epoch 7).
