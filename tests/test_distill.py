@@ -151,7 +151,8 @@ def test_student_frozen_stages_train_only_the_rest(world, shared_cache, tmp_path
 
 def test_student_trunk_cache_is_keyed_by_input_size(world, tmp_path, monkeypatch):
     """A student that upsamples its input (MyCNN input_size) gets its own frozen-stage cache:
-    reusing the native-size features would train the rest on the wrong picture."""
+    reusing the native-size features would train the rest on the wrong picture. The key follows
+    the input transform itself, so a new normalisation gets its own cache too."""
     from toolkit.student import StudentInput, exec_architecture, student_trunk_features
     monkeypatch.setenv("TOOLKIT_CACHE", str(tmp_path))
     data = load_course_folder(world.data, progress=False)
@@ -165,6 +166,9 @@ def test_student_trunk_cache_is_keyed_by_input_size(world, tmp_path, monkeypatch
     view = apply_views(data.grey[3:4], params[3, 1][None].long())
     expected = split.trunk(StudentInput(student).prepare(view))[0]
     torch.testing.assert_close(upsampled[3, 1].float(), expected, atol=2e-3, rtol=2e-3)
+    student.INPUT_MEAN = 0.4  # any other change to the input transform: a third cache
+    student_trunk_features(student, 1, data.grey, params, data.fingerprint, verbose=True)
+    assert len(list(tmp_path.glob("student-trunk-*.pt"))) == 3
 
 
 def test_student_init_from_imagenet_weights(tmp_path):

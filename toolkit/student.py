@@ -122,20 +122,24 @@ def student_trunk_features(student: torch.nn.Module, frozen_stages: int, grey_u8
                            view_params: torch.Tensor, fingerprint: str, device="cpu", verbose=True):
     """-> (TrunkSplit of the student, (N, K, C', h, w) fp16 features of its frozen first stages
     on K views of the server's grey images). Computed once and kept on disk, keyed by all they
-    depend on: the frozen modules (structure and every weight and statistic), the views and the
-    data's fingerprint."""
+    depend on: the student's input transform, the frozen modules (structure and every weight and
+    statistic), the views and the data's fingerprint."""
     import hashlib
     from .data import default_cache_dir
     from .teachers import TrunkSplit, cached_trunk_features
     split = TrunkSplit(student, frozen_stages)
-    # MyCNN.normalise resizes to input_size before the trunk (omitted when unset: old keys stay valid)
-    size = getattr(student, "input_size", None)
-    h = hashlib.sha1(f"{fingerprint}|{split.trunk_modules()!r}{f'|input_size={size}' if size else ''}".encode())
+    student_input = StudentInput(student)
+    h = hashlib.sha1(f"{fingerprint}|{split.trunk_modules()!r}".encode())
+    # The student's own input transform (grey -> resize -> normalise) on a fixed probe: any
+    # change to it (MyCNN's input_size, mean/std) changes the key.
+    probe = torch.arange(2 * 100 * 100, dtype=torch.int64).remainder(251).to(torch.uint8).view(2, 1, 100, 100)
+    with torch.no_grad():
+        h.update(student_input.prepare(probe).cpu().contiguous().numpy().tobytes())
     for m in split.trunk_modules():
         for t in m.state_dict().values():
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
     h.update(view_params.contiguous().numpy().tobytes())
     path = default_cache_dir() / f"student-trunk-{h.hexdigest()[:16]}.pt"
-    features = cached_trunk_features(path, StudentInput(student), split, grey_u8, view_params, device,
+    features = cached_trunk_features(path, student_input, split, grey_u8, view_params, device,
                                      save=verbose, desc="student trunk features")
     return split, features
