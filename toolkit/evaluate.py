@@ -2,10 +2,11 @@
 
     python -m toolkit.evaluate report  --data FOLDER [--arch architecture.py] [--weights model.pth]
                                        [--teachers DIR ...] --out reports/NAME
-                                       [--indices-file held_out.pt|.json] [--batch-size 256]
+                                       [--indices-file held_out.pt|.json] [--heldout PROVENANCE ...]
     python -m toolkit.evaluate grader  --data FOLDER [--arch architecture.py] [--weights model.pth]
     python -m toolkit.evaluate predict --images FILE_OR_FOLDER [...] --out preds.csv
-                                       (--student ARCH WEIGHTS | --teachers [DIR ...])
+                                       [--student ARCH WEIGHTS | --teachers [DIR ...]]
+                                       (default: the shipped student, architecture.py + model.pth)
     python -m toolkit.evaluate export  [--arch architecture.py] [--weights model.pth] --out DIR
                                        [--images FILE_OR_FOLDER ...]
 
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .data import DataError, load_course_folder, load_image_files
+from .estimates import oof_ensemble_log_probs, read_heldout, student_seen, teacher_seen
 from .export import PARITY_TOLERANCE, export_student
 from .files import expand_images, load_indices, sha256_file
 from .io import atomic_write_json, atomic_write_text, ensure_writable_dir
@@ -78,6 +80,11 @@ def cmd_report(args) -> None:
     member = members_identity_logits(teachers, data.rgb, data.fingerprint, idx, args.batch_size)
     e_lp = ensemble.combine_logits(member)
     teacher_names = _unique_names([t.folder for t in teachers])
+    t_seen = teacher_seen(teachers, data.labels, idx)                         # (M, n) bool
+    oof_lp, oof_covered = oof_ensemble_log_probs(member, ensemble.weights, t_seen, ensemble.combine)
+    seen = {"student": student_seen(args.weights, data, idx), "ensemble": t_seen.any(0).numpy(),
+            **{f"teacher:{n}": s.numpy() for n, s in zip(teacher_names, t_seen)}}
+    heldout = [read_heldout(p) for p in args.heldout or []]
     timings["teachers"] = _stage(f"teacher predictions ({len(teachers)})", t0)
 
     t0 = time.perf_counter()
@@ -104,7 +111,9 @@ def cmd_report(args) -> None:
     doc = write_report(args.out, classes=classes, labels=labels.numpy(), grey=grey.numpy(), names=names,
                        student_lp=s_lp.numpy(), ensemble_lp=e_lp.numpy(),
                        teacher_lps={n: m.numpy() for n, m in zip(teacher_names, member)},
-                       meta=meta, efficiency=efficiency, timings=timings, max_examples=args.max_examples)
+                       meta=meta, efficiency=efficiency, timings=timings, max_examples=args.max_examples,
+                       seen=seen, oof_ensemble_lp=oof_lp.numpy(), oof_covered=oof_covered.numpy(),
+                       heldout=heldout)
     _stage("metrics, figures, report.md, metrics.json", t0)
     s, e = doc["predictors"]["student"], doc["predictors"]["ensemble"]
     print(f"student accuracy {s['accuracy']:.4f}, ensemble accuracy {e['accuracy']:.4f}, agreement "
@@ -142,7 +151,7 @@ def cmd_grader(args) -> None:
 def cmd_predict(args) -> None:
     ensure_writable_dir(Path(args.out).parent)
     paths = expand_images(args.images)
-    if args.student:
+    if args.teachers is None:
         arch, weights = args.student
         classes, _ = student_classes(weights)
         model = load_student_checked(arch, weights)
@@ -214,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="report folder, e.g. reports/NAME")
     p.add_argument("--indices-file", type=Path, default=None,
                    help=".pt/.json of sample indices (labels.csv order) to restrict to, e.g. a held-out fold")
+    p.add_argument("--heldout", type=Path, nargs="+", default=None, metavar="PROVENANCE",
+                   help="model.provenance.json of nested held-out student runs (distill.py --val-fold F, "
+                        "e.g. runs/estimate_v0_s0/distilled/ from scripts/heldout_estimate.sh): reported first")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--latency-runs", type=int, default=20,
                    help="timed batch-1 runs of the student (batch 256: a tenth; teachers: a quarter, batch 1 only); 0 skips latency")
@@ -231,9 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", formatter_class=fmt, help="classify unlabelled images into a CSV")
     p.add_argument("--images", nargs="+", required=True, help="image files and/or folders of images")
     p.add_argument("--out", type=Path, required=True, help="CSV with columns file,class,probability")
-    who = p.add_mutually_exclusive_group(required=True)
+    who = p.add_mutually_exclusive_group()
     who.add_argument("--student", nargs=2, type=Path, metavar=("ARCH", "WEIGHTS"),
-                     help="predict with architecture.py + model.pth")
+                     default=(Path("architecture.py"), Path("model.pth")),
+                     help="predict with this architecture.py + model.pth (the default: the shipped student)")
     who.add_argument("--teachers", nargs="*", type=Path, metavar="DIR",
                      help="predict with the ensemble of these teacher folders (none given: all under teachers/)")
     p.add_argument("--batch-size", type=int, default=256)
