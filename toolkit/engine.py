@@ -27,6 +27,7 @@ from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 from .io import atomic_save, atomic_write_json
+from .runlog import write_run_summary
 
 CHECKPOINT = "checkpoint.pth"
 
@@ -221,13 +222,15 @@ class Trainer:
                     self.save_checkpoint()
             metrics = {f"train_{k}": v / max(self.epoch_count, 1) for k, v in self.epoch_sums.items()}
             metrics.update(evaluate(self.eval_model) if self.env.is_main else {})
-            metrics.update(epoch=self.epoch + 1, step=self.global_step, seconds=round(time.time() - t0, 1))
+            metrics.update(epoch=self.epoch + 1, step=self.global_step, lr=self.scheduler.get_last_lr()[0],
+                           seconds=round(time.time() - t0, 1))
             self.history.append(metrics)
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
             self.epoch_sums, self.epoch_count = {}, 0
             self.save_checkpoint()
             if self.env.is_main:
                 atomic_write_json(self.history, self.out_dir / "log.json")
+                write_run_summary(self.history, self.out_dir, curve=self.epoch == self.epochs)  # summary.csv, PNG
                 print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                for k, v in metrics.items()), flush=True)
         return self.history

@@ -9,6 +9,7 @@
                                        (default: the shipped student, architecture.py + model.pth)
     python -m toolkit.evaluate export  [--arch architecture.py] [--weights model.pth] --out DIR
                                        [--images FILE_OR_FOLDER ...]
+    python -m toolkit.evaluate compare RUN [RUN ...] [--out table.csv|table.md]
 
 (also installed as the console script ``toolkit-evaluate``). Every bad input ends the
 command with one line ``error: <culprit>: <what is wrong>``.
@@ -116,8 +117,10 @@ def cmd_report(args) -> None:
                        heldout=heldout)
     _stage("metrics, figures, report.md, metrics.json", t0)
     s, e = doc["predictors"]["student"], doc["predictors"]["ensemble"]
-    print(f"student accuracy {s['accuracy']:.4f}, ensemble accuracy {e['accuracy']:.4f}, agreement "
-          f"{doc['student_vs_ensemble']['top1_agreement']:.4f}; report in {args.out} "
+    honest = "; ".join(f"{r['predictor']} {r['accuracy']:.4f} ({r['images']} images)" for r in doc["honest"])
+    print(f"out-of-fold / held-out: {honest or 'none recorded'}", flush=True)
+    print(f"in-sample where trained on: student accuracy {s['accuracy']:.4f}, ensemble accuracy {e['accuracy']:.4f}, "
+          f"agreement {doc['student_vs_ensemble']['top1_agreement']:.4f}; report in {args.out} "
           f"({time.perf_counter() - t_all:.1f} s)", flush=True)
 
 
@@ -202,6 +205,21 @@ def cmd_export(args) -> None:
 
 
 # ----------------------------------------------------------------------------------------
+# compare: runs side by side
+# ----------------------------------------------------------------------------------------
+def cmd_compare(args) -> None:
+    from .report import markdown_table
+    from .runlog import compare_runs
+    table = compare_runs(args.runs)
+    text = markdown_table(table)
+    print(text, flush=True)
+    if args.out:
+        ensure_writable_dir(Path(args.out).parent)
+        atomic_write_text(table.to_csv(index=False) if args.out.suffix.lower() == ".csv" else text + "\n", args.out)
+        print(f"{len(table)} runs written to {args.out}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
@@ -261,6 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-check", type=int, default=64, help="images used for the parity check")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("compare", formatter_class=fmt,
+                       help="runs side by side: the config values that differ and the final metrics")
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN",
+                   help="run folders (holding log.json; folders above them are searched), e.g. runs/* teachers/*")
+    p.add_argument("--out", type=Path, default=None, help="also write the table: .csv, or markdown otherwise")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 

@@ -168,6 +168,7 @@ def _markdown(m: dict, meta: dict, efficiency: dict, timings: dict, examples_sho
     L.append("## Honest estimates: images the scored model never trained on\n")
     if m.get("honest"):
         df = pd.DataFrame(m["honest"], columns=["predictor", "images", "accuracy", "nll", "what"])
+        df = df.rename(columns={"nll": "NLL", "what": "scored on"})
         L.append(markdown_table(df) + "\n")
     else:
         L.append("None: no model here records images it did not train on.\n")
