@@ -31,8 +31,9 @@ import torch
 from .data import DataError, list_images, load_course_folder, load_image_files
 from .io import atomic_write_json, atomic_write_text, ensure_writable_dir
 from .student import ContractError, load_student
-from .teachers import (Ensemble, TeacherError, find_teacher_folders, load_teacher, members_identity_logits,
-                       predict_logits)
+from .backbones import TeacherError
+from .ensemble import Ensemble, members_identity_logits
+from .teachers import find_teacher_folders, load_teacher, predict_logits
 
 # The course's classes; ids are their sorted order, as the grading server assigns them.
 CLASSES = ["book", "bottle", "car", "cat", "chair", "computermouse", "cup", "dog", "flower", "fork",
