@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .data import CourseData, DataError, stratified_folds
-from .teachers import teacher_saw
+from .ensemble import teacher_saw
 
 
 def teacher_seen(teachers: list, labels: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -25,13 +25,13 @@ from pathlib import Path
 
 import torch
 
+from .backbones import TeacherError
 from .data import DataError, load_course_folder, load_image_files
+from .ensemble import Ensemble, members_identity_logits
 from .estimates import oof_ensemble_log_probs, read_heldout, student_seen, teacher_seen
 from .export import PARITY_TOLERANCE, export_student
 from .files import expand_images, load_indices, sha256_file
 from .io import atomic_write_json, atomic_write_text, ensure_writable_dir
-from .backbones import TeacherError
-from .ensemble import Ensemble, members_identity_logits
 from .metrics import model_cost
 from .student import ContractError, check_output, load_student_checked, student_classes, student_log_probs
 from .teachers import find_teacher_folders, load_teacher, predict_logits
