@@ -249,6 +249,8 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    from toolkit.runlog import setup_logging
+    setup_logging()  # the library's progress lines (per-epoch rows, cache notes) on stdout
     try:
         main()
         finish_distributed()

@@ -26,6 +26,7 @@ import train_teacher
 from toolkit.config import parse_config
 from toolkit.data import DataError, load_course_folder
 from toolkit.io import atomic_write_json
+from toolkit.runlog import setup_logging
 
 
 @dataclass
@@ -49,6 +50,7 @@ class PipelineConfig:
 
 def main(argv=None) -> dict:
     cfg = parse_config(PipelineConfig, argv)
+    setup_logging()
     work = Path(cfg.work_dir)
     timings: dict[str, float] = {}
 

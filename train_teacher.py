@@ -159,6 +159,8 @@ def trunk_features(cfg, data, teacher, split, device, verbose):
 
 
 if __name__ == "__main__":
+    from toolkit.runlog import setup_logging
+    setup_logging()  # the library's progress lines (per-epoch rows, cache notes) on stdout
     try:
         main()
         finish_distributed()

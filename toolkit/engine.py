@@ -10,6 +10,7 @@ replays exactly the steps an uninterrupted run would have taken.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import platform
@@ -28,6 +29,8 @@ from tqdm import tqdm
 
 from .io import atomic_save, atomic_write_json
 from .runlog import write_run_summary
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pth"
 
@@ -231,8 +234,7 @@ class Trainer:
             if self.env.is_main:
                 atomic_write_json(self.history, self.out_dir / "log.json")
                 write_run_summary(self.history, self.out_dir, curve=self.epoch == self.epochs)  # summary.csv, PNG
-                print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                               for k, v in metrics.items()), flush=True)
+                log.info(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
         return self.history
 
     def train_step(self, batch, loss_fn: Callable) -> dict:

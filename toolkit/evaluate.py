@@ -20,6 +20,7 @@ import argparse
 import csv
 import datetime
 import io
+import logging
 import time
 from pathlib import Path
 
@@ -37,6 +38,9 @@ from .student import ContractError, check_output, load_student_checked, student_
 from .teachers import find_teacher_folders, load_teacher, predict_logits
 
 
+log = logging.getLogger(__name__)
+
+
 def load_teachers(folders) -> tuple[list, Ensemble]:
     folders = [Path(f) for f in folders] if folders else find_teacher_folders("teachers")
     if not folders:
@@ -48,7 +52,7 @@ def load_teachers(folders) -> tuple[list, Ensemble]:
 
 def _stage(msg: str, t0: float) -> float:
     dt = time.perf_counter() - t0
-    print(f"{msg} ({dt:.1f} s)", flush=True)
+    log.info(f"{msg} ({dt:.1f} s)")
     return dt
 
 
@@ -291,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .runlog import setup_logging
+    setup_logging()
     args = build_parser().parse_args(argv)
     for name in ("batch_size", "n_check", "latency_threads"):
         if getattr(args, name, 1) < 1:

@@ -7,10 +7,14 @@ and ``log.json`` (one dict per epoch, written by toolkit.engine.Trainer). From t
   * ``learning_curve.png``: losses and validation accuracy per epoch;
   * ``compare_runs``: one row per run with the config values that differ between the runs and
     each run's final metrics (``python -m toolkit.evaluate compare runs/*``).
+The library reports progress through ``logging`` (loggers named ``toolkit.*``); the scripts call
+``setup_logging`` so that those lines reach the console.
 """
 from __future__ import annotations
 
 import json
+import logging
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -19,6 +23,28 @@ from .data import DataError
 from .io import atomic_write_text
 
 LOG, CONFIG, SUMMARY, CURVE = "log.json", "config.yaml", "summary.csv", "learning_curve.png"
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever sys.stdout is at the time (pytest and callers may swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Print the ``toolkit.*`` loggers' records as plain lines on stdout (once per process)."""
+    logger = logging.getLogger("toolkit")
+    if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
+        handler = _StdoutHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level)
 
 
 def history_frame(history: list[dict]) -> pd.DataFrame:
