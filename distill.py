@@ -12,7 +12,8 @@ is labelled by the teachers that never trained on it (out-of-fold targets). The 
 (EfficientNet-Lite0 with a grey stem) starts from ImageNet weights; its stem and first
 --student-frozen-stages stages stay fixed, so their features of the K views are computed once
 too, and each step trains only the rest.
-Online mode: the teachers run on the student's own augmented batch (mixup/cutmix allowed).
+Online mode: the teachers run on the student's own augmented batch. With --mixup, both modes
+minimise the same objective against the mixed targets (KD: its soft term alone, alpha 0, T^2 * KL).
 """
 from __future__ import annotations
 
