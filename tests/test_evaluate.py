@@ -400,7 +400,8 @@ def test_report_leads_with_out_of_fold_and_held_out_figures(folder, weights, tmp
     """Two fold teachers (2-fold split): each is scored on its own val fold only, the ensemble on
     every image by the teacher that did not train on it, the student on the fold its provenance
     held out; all of these lead report.md, in-sample scores after them."""
-    from toolkit.data import load_course_folder, stratified_folds
+    from toolkit.data import load_course_folder
+    from toolkit.splits import stratified_folds
     from toolkit.teachers import build_teacher, predict_logits, save_teacher
     import timm
     name = "test_efficientnet" if timm.is_model("test_efficientnet") else "resnet10t"

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .data import CourseData, DataError, stratified_folds
+from .data import CourseData, DataError
+from .splits import stratified_folds
 from .ensemble import teacher_saw
 
 
