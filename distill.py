@@ -32,8 +32,9 @@ from toolkit.io import atomic_save, atomic_write_json, ensure_writable_dir
 from toolkit.losses import dist_loss, kd_loss, label_smoothing_ce, soft_cross_entropy
 from toolkit.student import (ContractError, check_state_dict_matches, exec_architecture, init_student_weights,
                              student_trunk_features)
-from toolkit.teachers import (Ensemble, TeacherError, combine_view_targets, find_teacher_folders, fit_temperature,
-                              load_teacher, oof_teacher_mask, predict_logits, teacher_view_logits)
+from toolkit.backbones import TeacherError
+from toolkit.ensemble import Ensemble, combine_view_targets, fit_temperature, oof_teacher_mask, teacher_view_logits
+from toolkit.teachers import find_teacher_folders, load_teacher, predict_logits
 
 
 @dataclass

