@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import distill
+import toolkit.ensemble
 from helpers_distill import (CLASSES, ROOT, build_tiny_teacher, distill_argv, file_bytes, read_state, student_state, subprocess_env, tiny_world, tmp_files, train_tiny_teacher,
                              write_arch)
 from toolkit.augment import apply_views, sample_view_params
@@ -93,6 +94,31 @@ def test_online_mode_end_to_end(world, shared_cache, tmp_path, mixup):
                               mode="online", mixup=mixup, epochs=1))
     prov = check_outputs(world, out, 2, "online kd")
     assert prov["config"]["mixup"] == mixup
+
+
+def test_mixup_objective_is_the_same_in_cached_and_online_mode(world, shared_cache, tmp_path, monkeypatch):
+    """With mixup, both modes minimise one objective for the same flags: KD's soft term alone
+    (alpha 0: a mixed image has no single label), T^2 * KL at --temperature, against the
+    ensemble's probabilities of the mixed batch (valid distributions)."""
+    calls = []
+    real_kd = distill.kd_loss
+
+    def spy(logits, probs, labels=None, T=2.0, alpha=0.0):
+        calls.append({"mode": mode, "labels": labels, "T": T, "alpha": alpha,
+                      "probs_sum_to_1": bool(torch.allclose(probs.sum(1), torch.ones(len(probs)), atol=1e-3))})
+        return real_kd(logits, probs, labels, T=T, alpha=alpha)
+    monkeypatch.setattr(distill, "kd_loss", spy)
+    for mode in ("cached", "online"):
+        work = tmp_path / mode
+        distill.main(distill_argv(world.data, world.arch, work / "model.pth", work, world.teachers, mode=mode,
+                                  mixup=0.4, temperature=2.0, alpha=0.5, epochs=1))
+        log = json.loads((work / "log.json").read_text())
+        assert log[-1]["train_loss"] == pytest.approx(log[-1]["train_kd"])  # the loss is the T^2 KL term
+    for mode in ("cached", "online"):
+        mine = [c for c in calls if c["mode"] == mode]
+        assert mine, f"{mode} mode did not use the KD objective"
+        assert all(c["labels"] is None and c["T"] == 2.0 and c["alpha"] == 0.0 and c["probs_sum_to_1"]
+                   for c in mine), mine[0]
 
 
 def test_scratch_runs_without_teachers(world, tmp_path):
@@ -240,7 +266,7 @@ def test_distill_trains_on_the_ensembles_view_targets(world, shared_cache, tmp_p
         seen["targets"] = combine_view_targets(member_logits, weights, mask, combine)
         seen["mask"] = mask.clone()
         return seen["targets"]
-    monkeypatch.setattr(distill, "combine_view_targets", spy)
+    monkeypatch.setattr(toolkit.ensemble, "combine_view_targets", spy)
     distill.main(distill_argv(world.data, world.arch, tmp_path / "model.pth", tmp_path / "work", world.teachers,
                               views=3, max_shift=6, view_seed=7, epochs=1))
     teachers = [load_teacher(t) for t in world.teachers]
@@ -316,12 +342,12 @@ def test_oof_mask_follows_each_teachers_own_folds(world, shared_cache, tmp_path,
     """distill --folds/--seed other than the teachers': the mask must still come from the
     split each teacher was trained on, never let a teacher label its own training images."""
     seen = {}
-    real = distill.combine_view_targets
+    real = toolkit.ensemble.combine_view_targets
 
     def spy(member_logits, weights, mask, combine):
         seen["mask"] = mask.clone()
         return real(member_logits, weights, mask, combine)
-    monkeypatch.setattr(distill, "combine_view_targets", spy)
+    monkeypatch.setattr(toolkit.ensemble, "combine_view_targets", spy)
     distill.main(distill_argv(world.data, world.arch, tmp_path / "model.pth", tmp_path / "work", world.teachers,
                               folds=4, seed=1, epochs=1))
     teachers = [load_teacher(t) for t in world.teachers]

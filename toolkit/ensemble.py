@@ -7,6 +7,7 @@ never trained on it (out-of-fold masks from each teacher's recorded k-fold).
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from tqdm import tqdm
 from .augment import apply_views, sample_view_params
 from .backbones import TeacherError
 from .data import stratified_folds
-from .teachers import TEACHER_FILE, Teacher, find_teacher_folders, load_teacher
+from .teachers import TEACHER_FILE, Teacher, find_teacher_folders, load_teacher, predict_logits
 from .trunk import TrunkSplit, stored_trunk_features, trunk_cache_path
 
 
@@ -230,3 +231,61 @@ def members_identity_logits(teachers: list[Teacher], rgb_u8: torch.Tensor, finge
             out[m] = torch.cat(heads[h])
     return torch.stack(out)
 
+
+# ----------------------------------------------------------------------------------------
+# What distillation learns from, and the record of how good it was
+# ----------------------------------------------------------------------------------------
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float | None:
+    return (logits.argmax(1) == labels).float().mean().item() if len(labels) else None
+
+
+def teacher_records(teachers: list[Teacher], val_logits: torch.Tensor, val_labels: torch.Tensor) -> list[dict]:
+    """Provenance of each teacher: folder, model, its own metrics, its accuracy on the
+    student's val fold (``val_logits``: (M, n_val, C))."""
+    return [{"folder": t.folder, "model": t.model_name, "own_metrics": t.metrics,
+             "val_acc_on_student_val": _accuracy(val_logits[m], val_labels) if len(val_labels) else None}
+            for m, t in enumerate(teachers)]
+
+
+def view_soft_targets(ensemble: Ensemble, data, view_params: torch.Tensor, folds: torch.Tensor,
+                      train_idx: torch.Tensor, val_idx: torch.Tensor, oof: bool = True,
+                      calibrate: bool = False, device: str | torch.device = "cpu"
+                      ) -> tuple[torch.Tensor, dict, list[dict]]:
+    """Cached distillation's targets: the ensemble on K fixed views of every image.
+
+    data: CourseData; view_params: (N, K, 3) -> ((N, K, C) float16 probabilities, metrics,
+    teacher records). With ``oof``, each image is labelled by the teachers that never trained
+    on it (``oof_teacher_mask``); with ``calibrate``, the ensemble's temperature is fitted on
+    the val fold and applied to the targets.
+    """
+    t0 = time.time()
+    teachers, labels = list(ensemble.teachers), data.labels
+    mask = oof_teacher_mask(teachers, folds, labels) if oof else torch.ones(len(teachers), len(data), dtype=torch.bool)
+    # Each teacher runs only on the images it labels (and the val fold): k times less work
+    # with out-of-fold fold teachers. Rows it does not label stay 0 and are masked out.
+    needed = mask.clone()
+    needed[:, val_idx] = True
+    member_logits = torch.stack([teacher_view_logits(t, data.rgb, view_params, data.fingerprint, device=device,
+                                                     images=needed[m].nonzero().flatten())
+                                 for m, t in enumerate(teachers)])                      # (M, N, K, C)
+    # Per image, the ensemble of the teachers allowed to label it: zero weight elsewhere.
+    targets = combine_view_targets(member_logits, ensemble.weights, mask, ensemble.combine)  # (N, K, C)
+    if calibrate and len(val_idx):
+        ensemble.temperature = fit_temperature(ensemble.combine_logits(member_logits[:, val_idx, 0]), labels[val_idx])
+        targets = (targets.log() / ensemble.temperature).softmax(-1)
+    targets = targets.half()
+    metrics = {"ensemble_val_acc": _accuracy(ensemble.combine_logits(member_logits[:, val_idx, 0]), labels[val_idx]),
+               "target_train_acc": _accuracy(targets[train_idx, 0], labels[train_idx]),
+               "oof_fraction": float((~mask.all(0))[train_idx].float().mean()),
+               "target_seconds": round(time.time() - t0, 1)}
+    return targets, metrics, teacher_records(teachers, member_logits[:, val_idx, 0], labels[val_idx])
+
+
+def ensemble_on_val(ensemble: Ensemble, data, val_idx: torch.Tensor, device: str | torch.device = "cpu"
+                    ) -> tuple[dict, list[dict]]:
+    """Online distillation's record: the ensemble and each teacher on the val fold's plain images."""
+    teachers, y = list(ensemble.teachers), data.labels[val_idx]
+    if not len(val_idx):
+        return {"ensemble_val_acc": None}, teacher_records(teachers, torch.empty(len(teachers), 0), y)
+    member = torch.stack([predict_logits(t, data.rgb[val_idx], device=device) for t in teachers])
+    return {"ensemble_val_acc": _accuracy(ensemble.combine_logits(member), y)}, teacher_records(teachers, member, y)
