@@ -98,3 +98,89 @@ def test_recipe_oof_log_probs_uses_each_images_out_of_fold_teacher():
     mask[1] = False                                   # recipe 0 has no out-of-fold teacher for fold 1
     _, covered = recipe_oof_log_probs(logits, mask, groups)
     assert torch.equal(covered, folds == 0)
+
+
+# ----------------------------------------------------------------------------------------
+# Inside the soft-target pass: fitted on the training images' out-of-fold predictions only
+# ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_recipes(tmp_path_factory):
+    """A tiny course folder and two 3-fold recipes of random tiny teachers (they differ in
+    'epochs' and in their weights), so the two recipes predict differently."""
+    from helpers_distill import build_tiny_teacher, make_course_folder
+    from toolkit.data import load_course_folder
+    from toolkit.teachers import load_teacher
+    root = tmp_path_factory.mktemp("recipes")
+    data = load_course_folder(make_course_folder(root / "data"), progress=False)
+    teachers = [load_teacher(build_tiny_teacher(root / f"r{r}_f{f}", seed=10 * r + f,
+                                                config={"fold": f, "folds": 3, "epochs": r + 1}))
+                for r in range(2) for f in range(3)]
+    return data, teachers
+
+
+@pytest.mark.parametrize("weighting", ["fit", "greedy"])
+def test_soft_targets_fit_on_training_images_only(two_recipes, weighting, monkeypatch, tmp_path):
+    """Weights and temperature see the training images' out-of-fold predictions, never a val image."""
+    import toolkit.ensemble as E
+    from toolkit.augment import sample_view_params
+    from toolkit.data import stratified_folds
+    monkeypatch.setenv("TOOLKIT_CACHE", str(tmp_path))
+    data, teachers = two_recipes
+    folds = stratified_folds(data.labels, 3, 0)
+    train_idx, val_idx = (folds != 0).nonzero().flatten(), (folds == 0).nonzero().flatten()
+    seen = {}
+
+    def spy(name, real):
+        def wrapped(log_probs, labels, *a, **k):
+            seen[name] = (log_probs.clone(), labels.clone())
+            return real(log_probs, labels, *a, **k)
+        return wrapped
+    fit_name = "fit_weights" if weighting == "fit" else "greedy_selection"
+    monkeypatch.setattr(E, fit_name, spy("weights", getattr(E, fit_name)))
+    monkeypatch.setattr(E, "fit_temperature", spy("temperature", E.fit_temperature))
+    params = sample_view_params(len(data), 2, 4, 0)
+    targets, metrics, _ = E.view_soft_targets(E.Ensemble(teachers), data, params, folds, train_idx, val_idx,
+                                              calibrate=True, weighting=weighting)
+    w = metrics["recipe_weights"]
+    assert len(w) == 2 and abs(sum(w.values()) - 1) < 1e-3 and metrics["temperature"] > 0
+    for name in ("weights", "temperature"):
+        _, labels = seen[name]
+        assert torch.equal(labels, data.labels[train_idx])        # all training images, no val image
+    log_p, _ = seen["weights"]
+    assert log_p.shape == (2, len(train_idx), 3)                   # (recipes, images, classes)
+    # the recipe predictions fitted on are each image's out-of-fold teacher's
+    member = torch.stack([E.identity_view_logits(t, data.rgb, data.fingerprint) for t in teachers])
+    i = int(train_idx[0])
+    f = int(folds[i])
+    torch.testing.assert_close(log_p[0, 0], member[f, i].log_softmax(-1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(log_p[1, 0], member[3 + f, i].log_softmax(-1), atol=1e-4, rtol=0)
+
+
+def test_soft_targets_with_fitted_weights_are_the_weighted_oof_mixture(two_recipes, monkeypatch, tmp_path):
+    from toolkit.augment import sample_view_params
+    from toolkit.data import stratified_folds
+    from toolkit.ensemble import Ensemble, oof_teacher_mask, teacher_view_logits, view_soft_targets
+    monkeypatch.setenv("TOOLKIT_CACHE", str(tmp_path))
+    data, teachers = two_recipes
+    folds = stratified_folds(data.labels, 3, 0)
+    train_idx, val_idx = (folds != 0).nonzero().flatten(), (folds == 0).nonzero().flatten()
+    params = sample_view_params(len(data), 2, 4, 0)
+    targets, metrics, _ = view_soft_targets(Ensemble(teachers), data, params, folds, train_idx, val_idx,
+                                            weighting="fit")
+    w = list(metrics["recipe_weights"].values())
+    member = torch.stack([teacher_view_logits(t, data.rgb, params, data.fingerprint) for t in teachers]).softmax(-1)
+    mask = oof_teacher_mask(teachers, folds, data.labels)
+    for i in (int(train_idx[0]), int(val_idx[0])):
+        f = mask[:, i].nonzero().flatten().tolist()      # one teacher of each recipe holds image i out
+        assert len(f) == 2 and f[0] < 3 <= f[1]
+        expected = (w[0] * member[f[0], i] + w[1] * member[f[1], i]) / (w[0] + w[1])
+        torch.testing.assert_close(targets[i].float(), expected, atol=2e-3, rtol=0)
+
+
+def test_soft_targets_refuse_unknown_weighting(two_recipes):
+    from toolkit.backbones import TeacherError
+    from toolkit.ensemble import Ensemble, view_soft_targets
+    data, teachers = two_recipes
+    with pytest.raises(TeacherError, match="equal, fit or greedy"):
+        view_soft_targets(Ensemble(teachers), data, torch.zeros(len(data), 1, 3), torch.zeros(len(data)),
+                          torch.arange(3), torch.arange(0), weighting="best")

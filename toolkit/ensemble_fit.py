@@ -60,6 +60,18 @@ def recipe_oof_log_probs(member_logits: torch.Tensor, mask: torch.Tensor,
     return torch.stack(out), covered
 
 
+def recipe_weight_matrix(groups: dict[str, list[int]], recipe_weights: torch.Tensor,
+                         mask: torch.Tensor) -> torch.Tensor:
+    """(M, N) per-image teacher weights: recipe r's weight shared equally by its teachers that
+    may label the image (``mask`` (M, N)), so a recipe weighs the same whatever number of its
+    fold teachers hold an image out."""
+    weights = torch.zeros(mask.shape)
+    for r, members in enumerate(groups.values()):
+        m = mask[members].float()
+        weights[members] = recipe_weights[r] * m / m.sum(0).clamp(min=1)
+    return weights
+
+
 def mixture_log_probs(log_probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """(R, N, C) member log-probabilities, (R,) weights summing to 1 -> (N, C) log of the
     weighted probability mean (zero-weight members drop out exactly)."""
