@@ -123,7 +123,7 @@ def test_soft_targets_fit_on_training_images_only(two_recipes, weighting, monkey
     """Weights and temperature see the training images' out-of-fold predictions, never a val image."""
     import toolkit.ensemble as E
     from toolkit.augment import sample_view_params
-    from toolkit.data import stratified_folds
+    from toolkit.splits import stratified_folds
     monkeypatch.setenv("TOOLKIT_CACHE", str(tmp_path))
     data, teachers = two_recipes
     folds = stratified_folds(data.labels, 3, 0)
@@ -158,7 +158,7 @@ def test_soft_targets_fit_on_training_images_only(two_recipes, weighting, monkey
 
 def test_soft_targets_with_fitted_weights_are_the_weighted_oof_mixture(two_recipes, monkeypatch, tmp_path):
     from toolkit.augment import sample_view_params
-    from toolkit.data import stratified_folds
+    from toolkit.splits import stratified_folds
     from toolkit.ensemble import Ensemble, oof_teacher_mask, teacher_view_logits, view_soft_targets
     monkeypatch.setenv("TOOLKIT_CACHE", str(tmp_path))
     data, teachers = two_recipes
