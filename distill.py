@@ -51,7 +51,9 @@ class DistillConfig:
     work_dir: str = "runs/distill"   # checkpoints, logs, resolved config
     combine: str = "mean_probs"      # mean_probs | mean_logits
     teacher_weights: list[float] = field(default_factory=list)
-    calibrate: bool = False          # fit the ensemble's temperature on the val fold
+    ensemble_weights: str = "equal"  # equal | fit (NLL-optimal recipe weights) | greedy (Caruana 2004 selection),
+                                     # fitted on the training images' out-of-fold predictions
+    calibrate: bool = False          # fit the ensemble's temperature on those out-of-fold predictions
     mode: str = "cached"             # cached | online
     views: int = 8                   # cached views per image (0: identity, 1: mirror, rest shifted)
     max_shift: int = 8
@@ -108,7 +110,8 @@ def main(argv=None) -> dict:
     targets, ens_metrics, teacher_records = None, {}, []
     if ensemble is not None and cfg.mode == "cached":
         targets, ens_metrics, teacher_records = view_soft_targets(
-            ensemble, data, view_params, folds, train_idx, val_idx, cfg.oof, cfg.calibrate, device)
+            ensemble, data, view_params, folds, train_idx, val_idx, cfg.oof, cfg.calibrate, device,
+            cfg.ensemble_weights)
         if env.is_main:
             print(f"soft targets {tuple(targets.shape)}: {ens_metrics}", flush=True)
     elif ensemble is not None:  # online: the same record, the ensemble scored on val

@@ -18,7 +18,7 @@ Why this recipe (measured on this 2-core CPU, see README):
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import distill
@@ -34,9 +34,12 @@ class PipelineConfig:
     """Run the whole default recipe: teachers -> distillation -> model.pth -> report."""
     data: str = "../shared/data/training_data"
     teachers_root: str = "teachers"
-    teacher_model: str = "efficientnet_lite0"
+    # Each recipe is trained as `folds` fold teachers (teachers_root/<name>_f<fold>); the ensemble
+    # is every fold teacher of every recipe. Form: MODEL@SIZE[:flag=value,...] with flags of
+    # train_teacher.py, e.g. efficientnet_lite2@260:epochs=8,frozen_stages=5
+    teacher_recipes: list[str] = field(default_factory=lambda: ["efficientnet_lite0@160"])
     pretrained: str = "offline"
-    teacher_epochs: int = 6
+    teacher_epochs: int = 6          # unless a recipe sets its own epochs
     folds: int = 5
     views: int = 8
     student_epochs: int = 10
@@ -62,16 +65,18 @@ def main(argv=None) -> dict:
         print(f"=== {name}: {timings[name]:.0f} s", flush=True)
         return result
 
+    recipes = [parse_recipe(r) for r in cfg.teacher_recipes]  # a malformed recipe fails before any work
     stage("decode data (cached)", lambda: load_course_folder(cfg.data))
-    for fold in range(cfg.folds):
-        folder = Path(cfg.teachers_root) / f"{cfg.teacher_model.replace('efficientnet_', '')}_f{fold}"
-        if cfg.reuse_teachers and (folder / "teacher.pth").is_file():
-            print(f"reusing teacher {folder}", flush=True)
-            continue
-        stage(f"teacher fold {fold}", lambda: train_teacher.main([
-            "--data", cfg.data, "--model", cfg.teacher_model, "--pretrained", cfg.pretrained,
-            "--epochs", str(cfg.teacher_epochs), "--views", str(cfg.views), "--folds", str(cfg.folds),
-            "--fold", str(fold), "--seed", str(cfg.seed), "--out", str(folder)]))
+    for name, flags in recipes:
+        for fold in range(cfg.folds):
+            folder = Path(cfg.teachers_root) / f"{name}_f{fold}"
+            if cfg.reuse_teachers and (folder / "teacher.pth").is_file():
+                print(f"reusing teacher {folder}", flush=True)
+                continue
+            stage(f"teacher {name} fold {fold}", lambda: train_teacher.main([
+                "--data", cfg.data, "--pretrained", cfg.pretrained, "--epochs", str(cfg.teacher_epochs),
+                "--views", str(cfg.views), "--folds", str(cfg.folds), "--fold", str(fold),
+                "--seed", str(cfg.seed), "--out", str(folder), *flags]))
     stage("distil student", lambda: distill.main([
         "--data", cfg.data, "--teachers-root", cfg.teachers_root, "--views", str(cfg.views),
         "--folds", str(cfg.folds), "--val-fold", "-1", "--epochs", str(cfg.student_epochs),
@@ -96,6 +101,22 @@ def main(argv=None) -> dict:
     for name, seconds in timings.items():
         print(f"{name:<30} {seconds:>7.0f}")
     return timings
+
+
+def parse_recipe(recipe: str) -> tuple[str, list[str]]:
+    """'efficientnet_lite2@260:epochs=8,frozen_stages=5' -> ('lite2_260px', [train_teacher flags]);
+    later flags win, so a recipe's own epochs override --teacher-epochs."""
+    head, _, extra = recipe.partition(":")
+    model, _, size = head.partition("@")
+    if not model or not size.isdigit():
+        raise DataError(f"--teacher-recipes {recipe!r}: expected MODEL@SIZE[:flag=value,...]")
+    flags = ["--model", model, "--input-size", size]
+    for item in filter(None, extra.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise DataError(f"--teacher-recipes {recipe!r}: {item!r} is not flag=value")
+        flags += ["--" + key.strip().replace("_", "-"), value.strip()]
+    return f"{model.replace('efficientnet_', '')}_{size}px", flags
 
 
 if __name__ == "__main__":
