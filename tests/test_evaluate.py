@@ -18,7 +18,8 @@ from sklearn.metrics import (accuracy_score, balanced_accuracy_score, f1_score,
                              precision_recall_fscore_support)
 
 from toolkit import metrics as M
-from toolkit.evaluate import CLASSES, main
+from toolkit.evaluate import main
+from toolkit.student import CLASSES
 from toolkit.student import exec_architecture
 
 ARCH = Path(__file__).resolve().parents[1] / "architecture.py"

@@ -10,6 +10,7 @@ ECE = sum_m |B_m| / n * |acc(B_m) - conf(B_m)|.
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 import warnings
@@ -210,3 +211,27 @@ def latency(model: torch.nn.Module, example: torch.Tensor, runs: int = 10, warmu
         times.append(time.perf_counter() - t0)
     return {"median_s": statistics.median(times), "min_s": min(times), "runs": len(times),
             "batch": int(example.shape[0])}
+
+
+def model_cost(model: torch.nn.Module, batch: torch.Tensor, runs_b1: int, runs_b256: int,
+               threads: int = 1) -> dict:
+    """Parameters, MACs per image and CPU latency (batch 1 and 256) on real inputs.
+
+    Latency runs with ``threads`` torch threads (restored afterwards): on a machine whose
+    cores are busy with other work, several threads wait for each other and the numbers
+    become meaningless (measured here: 2 threads 50x slower than 1 on a loaded 2-core box).
+    """
+    cost = {"parameters": parameter_count(model), "macs_per_image": count_macs(model, batch[:1])}
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        if runs_b1 > 0:
+            cost["latency_batch1"] = latency(model, batch[:1], runs=runs_b1, warmup=2)
+        if runs_b256 > 0:
+            big = batch.repeat(math.ceil(256 / len(batch)), 1, 1, 1)[:256]
+            cost["latency_batch256"] = latency(model, big, runs=runs_b256, warmup=1)
+    finally:
+        torch.set_num_threads(before)
+    if runs_b1 > 0 or runs_b256 > 0:
+        cost["latency_threads"] = threads
+    return cost
