@@ -21,12 +21,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import yaml
+
 import distill
 import train_teacher
 from toolkit.cli import run_main
 from toolkit.config import check_timm_model, option, parse_config
-from toolkit.data import DataError, load_course_folder
-from toolkit.io import atomic_write_json
+from toolkit.data import load_course_folder
+from toolkit.io import atomic_write_json, atomic_write_text
 
 
 @dataclass
@@ -91,6 +93,7 @@ def main(argv=None) -> dict:
 
     timings["total"] = round(sum(timings.values()), 1)
     atomic_write_json({"config": asdict(cfg), "seconds": timings}, work / "timings.json")
+    atomic_write_text(yaml.safe_dump(asdict(cfg), sort_keys=False), work / "config.yaml")  # replays with --config
     print("\nstage                          seconds")
     for name, seconds in timings.items():
         print(f"{name:<30} {seconds:>7.0f}")

@@ -59,4 +59,4 @@ def _resume_text(argv: list[str] | None, hint: str, prog: str | None) -> str:
     prog = prog or Path(sys.argv[0]).name
     if hint not in args:
         args.append(hint)
-    return f"the last checkpoint is kept; continue with: python {prog} {shlex.join(args)}"
+    return f"continue from the last checkpoint with: python {prog} {shlex.join(args)}"
