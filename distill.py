@@ -21,20 +21,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from toolkit.augment import apply_views, mixup_cutmix, random_view_params, sample_view_params
+from toolkit.backbones import TeacherError
 from toolkit.cli import run_main
 from toolkit.config import check_device, option, parse_config
 from toolkit.data import ClassBalancedSampler, check_split, load_course_folder, stratified_folds
-from toolkit.engine import (Trainer, epoch_index_batches, init_distributed, make_optimizer, run_identity, run_info,
-                            save_run_config, seed_everything, warmup_cosine)
+from toolkit.engine import (epoch_index_batches, init_distributed, make_trainer, run_info,
+                            save_run_config, seed_everything, val_metrics)
+from toolkit.ensemble import Ensemble, ensemble_on_val, view_soft_targets
 from toolkit.io import atomic_save, atomic_write_json, ensure_writable_dir
-from toolkit.losses import dist_loss, kd_loss, label_smoothing_ce, soft_cross_entropy
+from toolkit.losses import dist_loss, kd_loss, label_smoothing_ce
 from toolkit.student import (ContractError, check_state_dict_matches, exec_architecture, init_student_weights,
                              student_trunk_features)
-from toolkit.teachers import (Ensemble, TeacherError, combine_view_targets, find_teacher_folders, fit_temperature,
-                              load_teacher, oof_teacher_mask, predict_logits, teacher_view_logits)
+from toolkit.teachers import find_teacher_folders, load_teacher
 
 
 @dataclass
@@ -110,79 +110,29 @@ def main(argv=None) -> dict:
         ensure_writable_dir(work)
 
     # --- student first: a config that does not fit architecture.py fails before any work ---
-    student = exec_architecture(cfg.arch)["model"]
-    check_state_dict_matches(student.state_dict(), cfg.arch)
-    if cfg.student_init != "none":
-        init_student_weights(student, cfg.student_timm_name, cfg.student_init)
-    student.to(device)
+    student = build_student(cfg, device)
 
     # --- teachers and data ---------------------------------------------------------------
-    teachers = []
-    if not cfg.scratch:
-        folders = cfg.teachers or [str(p) for p in find_teacher_folders(cfg.teachers_root)]
-        if not folders:
-            raise TeacherError(f"{cfg.teachers_root}: no teachers found (train some with train_teacher.py, "
-                               "or pass --teachers DIR ..., or --scratch)")
-        teachers = [load_teacher(f, device) for f in folders]
-        ensemble = Ensemble(teachers, cfg.combine, cfg.teacher_weights or None)
-    data = load_course_folder(cfg.data, classes=teachers[0].classes if teachers else None, progress=env.is_main)
+    ensemble = None if cfg.scratch else load_teachers(cfg, device)
+    data = load_course_folder(cfg.data, classes=ensemble.classes if ensemble else None, progress=env.is_main)
+    check_student_classes(student, data, cfg, device)
     folds = stratified_folds(data.labels, cfg.folds, cfg.seed if cfg.split_seed < 0 else cfg.split_seed)
     train_idx = (folds != cfg.val_fold).nonzero().flatten()
     val_idx = (folds == cfg.val_fold).nonzero().flatten()
     check_split(data, train_idx, val_idx, cfg.val_fold, every_class=False)
     sampler = ClassBalancedSampler(data.labels, train_idx, cfg.balance_power, seed=cfg.seed,
                                    rank=env.rank, world_size=env.world_size)
-    with torch.no_grad():  # one logit per class, or KD fails mid-run (and scratch trains garbage)
-        n_out = student.eval()(torch.zeros(2, 1, 100, 100, device=device)).shape[-1]
-    if n_out != len(data.classes):
-        raise ContractError(f"{cfg.arch}: the student outputs {n_out} classes, but the "
-                            f"{'data' if cfg.scratch else 'teachers'} have {len(data.classes)} "
-                            f"({', '.join(data.classes)})")
 
-    # --- cached soft targets: (N, K, C) ensemble probabilities on K views ----------------
+    # --- soft targets: (N, K, C) ensemble probabilities on K views (cached mode) ----------
     view_params = sample_view_params(len(data), cfg.views, cfg.max_shift, cfg.view_seed)
-    provenance_teachers = []
-    if teachers and cfg.mode == "cached":
-        t0 = time.time()
-        mask = oof_teacher_mask(teachers, folds, data.labels) if cfg.oof else torch.ones(len(teachers), len(data), dtype=torch.bool)
-        # Each teacher runs only on the images it labels (and the val fold): k times less work
-        # with out-of-fold fold teachers. Rows it does not label stay 0 and are masked out.
-        needed = mask.clone()
-        needed[:, val_idx] = True
-        member_logits = torch.stack([teacher_view_logits(t, data.rgb, view_params, data.fingerprint, device=device,
-                                                         images=needed[t_i].nonzero().flatten())
-                                     for t_i, t in enumerate(teachers)])              # (M, N, K, C)
-        # Per image, the ensemble of the teachers allowed to label it: zero weight elsewhere.
-        targets = combine_view_targets(member_logits, ensemble.weights, mask, cfg.combine)  # (N, K, C)
-        val_logp = ensemble.combine_logits(member_logits[:, val_idx, 0])
-        if cfg.calibrate and len(val_idx):
-            ensemble.temperature = fit_temperature(val_logp, data.labels[val_idx])
-            targets = (targets.log() / ensemble.temperature).softmax(-1)
-            val_logp = ensemble.combine_logits(member_logits[:, val_idx, 0])
-        targets = targets.half()
-        ens_metrics = {"ensemble_val_acc": (val_logp.argmax(1) == data.labels[val_idx]).float().mean().item()
-                       if len(val_idx) else None,
-                       "target_train_acc": (targets[train_idx, 0].argmax(1) == data.labels[train_idx]).float().mean().item(),
-                       "oof_fraction": float((~mask.all(0))[train_idx].float().mean()),
-                       "target_seconds": round(time.time() - t0, 1)}
-        for t_i, t in enumerate(teachers):
-            acc = (member_logits[t_i, val_idx, 0].argmax(1) == data.labels[val_idx]).float().mean().item() \
-                if len(val_idx) else None
-            provenance_teachers.append({"folder": t.folder, "model": t.model_name, "own_metrics": t.metrics,
-                                        "val_acc_on_student_val": acc})
+    targets, ens_metrics, teacher_records = None, {}, []
+    if ensemble is not None and cfg.mode == "cached":
+        targets, ens_metrics, teacher_records = view_soft_targets(
+            ensemble, data, view_params, folds, train_idx, val_idx, cfg.oof, cfg.calibrate, device)
         if env.is_main:
             print(f"soft targets {tuple(targets.shape)}: {ens_metrics}", flush=True)
-    elif teachers:  # online: the same record, the ensemble scored on the identity view of val
-        val_member = torch.stack([predict_logits(t, data.rgb[val_idx], device=device) for t in teachers]) \
-            if len(val_idx) else None
-        ens_metrics = {"ensemble_val_acc": (ensemble.combine_logits(val_member).argmax(1) == data.labels[val_idx])
-                       .float().mean().item() if len(val_idx) else None}
-        for t_i, t in enumerate(teachers):
-            acc = (val_member[t_i].argmax(1) == data.labels[val_idx]).float().mean().item() if len(val_idx) else None
-            provenance_teachers.append({"folder": t.folder, "model": t.model_name, "own_metrics": t.metrics,
-                                        "val_acc_on_student_val": acc})
-    else:
-        ens_metrics = {}
+    elif ensemble is not None:  # online: the same record, the ensemble scored on val
+        ens_metrics, teacher_records = ensemble_on_val(ensemble, data, val_idx, device)
 
     # --- student: its frozen first stages run once per cached view, the rest trains -------
     net, features = student, None
@@ -191,59 +141,13 @@ def main(argv=None) -> dict:
                                                data.fingerprint, device, verbose=env.is_main)
         net.takes_features = True                                         # features: (N, K, C', h, w)
 
-    # --- optimisation --------------------------------------------------------------------
-    steps_per_epoch = len(epoch_index_batches(sampler, 0, cfg.batch_size))
-    optimizer = make_optimizer(net.parameters(), cfg.optimizer, cfg.lr * cfg.batch_size / 256, cfg.weight_decay)
-    scheduler = warmup_cosine(optimizer, cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch))
-    trainer = Trainer(net, optimizer, scheduler, work, cfg.epochs, cfg.seed, env, device, cfg.ema_decay,
-                      cfg.checkpoint_every, amp=cfg.amp and device.type == "cuda", desc="student",
-                      identity=run_identity(asdict(cfg), data.fingerprint))
-    if cfg.resume and trainer.resume() and env.is_main:
-        print(f"resumed {work} at epoch {trainer.epoch + 1}, step {trainer.global_step}", flush=True)
+    # --- training --------------------------------------------------------------------------
+    trainer = make_trainer(net, cfg, work, sampler, env, device, desc="student", fingerprint=data.fingerprint)
+    loss_fn = make_loss(cfg, data, device, view_params, features, targets, ensemble)
 
-    def kd(logits, probs, y):
-        if cfg.loss == "dist":
-            return dist_loss(logits, probs, T=cfg.temperature)
-        return kd_loss(logits, probs, y, T=cfg.temperature, alpha=cfg.alpha if y is not None else 0.0)
-
-    def loss_fn(net, idx, gen):
-        y = data.labels[idx].to(device)
-        if cfg.scratch or cfg.mode == "cached":
-            k = torch.randint(0, cfg.views, (len(idx),), generator=gen)
-            if features is not None:
-                x = features[idx, k].to(device).float()                           # (B, C', h, w)
-            else:
-                x = apply_views(data.grey[idx], view_params[idx, k].long()).to(device).float() / 255
-            if cfg.scratch:
-                return {"loss": label_smoothing_ce(net(x), y, cfg.label_smoothing)}
-            probs = targets[idx, k].float().to(device)
-            if cfg.mixup > 0:
-                # Mixed inputs get the mix of the stored ensemble targets: an approximation of
-                # the teacher on the mixed image (function matching) that costs no teacher pass.
-                x, probs = mixup_cutmix(x, probs, len(data.classes), cfg.mixup, 0.0, gen)
-                return kd(net(x), probs, None)
-            return kd(net(x), probs, y)
-        # online: teachers see the RGB of the very view (and mix) the student sees
-        params = random_view_params(len(idx), cfg.max_shift, generator=gen)
-        both = torch.cat([apply_views(data.rgb[idx], params), apply_views(data.grey[idx], params)], 1)
-        both = both.to(device).float() / 255                                       # (B, 4, H, W)
-        if cfg.mixup > 0:
-            both, _ = mixup_cutmix(both, y, len(data.classes), cfg.mixup, 0.0, gen)
-        with torch.no_grad():
-            probs = ensemble(both[:, :3]).exp()
-        logits = net(both[:, 3:])
-        return kd(logits, probs, None if cfg.mixup > 0 else y) if cfg.loss == "dist" or cfg.mixup == 0 \
-            else {"loss": soft_cross_entropy(logits / cfg.temperature, probs)}
-
-    @torch.no_grad()
-    def evaluate(net):
-        if len(val_idx) == 0:
-            return {}
-        net = getattr(net, "backbone", net).eval()  # the whole student as the server runs it
-        logits = net(data.grey[val_idx].to(device).float() / 255).cpu()
-        y = data.labels[val_idx]
-        return {"val_acc": (logits.argmax(1) == y).float().mean().item(),
-                "val_nll": F.cross_entropy(logits, y).item()}
+    def evaluate(net):  # the whole student as the server runs it, on the val fold's grey images
+        whole = getattr(net, "backbone", net).eval()
+        return val_metrics(lambda b: whole(data.grey[b].to(device).float() / 255), val_idx, data.labels)
 
     t0 = time.time()
     history = trainer.fit(lambda e: epoch_index_batches(sampler, e, cfg.batch_size), loss_fn, evaluate)
@@ -258,7 +162,7 @@ def main(argv=None) -> dict:
     val = {k: v for k, v in history[-1].items() if k.startswith("val_")} if history else {}
     provenance = {"model": cfg.out, "architecture": cfg.arch, "classes": data.classes,
                   "recipe": "scratch" if cfg.scratch else f"{cfg.mode} {cfg.loss}",
-                  "teachers": provenance_teachers, "ensemble": ens_metrics, "student_val": val,
+                  "teachers": teacher_records, "ensemble": ens_metrics, "student_val": val,
                   "train_seconds": round(time.time() - t0, 1), "val_fold": cfg.val_fold,
                   "val_images": len(val_idx), "config": asdict(cfg),
                   "run": run_info(cfg.seed, data.fingerprint)}
@@ -266,6 +170,81 @@ def main(argv=None) -> dict:
     save_run_config(work, asdict(cfg), provenance["run"])
     print(f"student saved to {cfg.out}: {val} ensemble: {ens_metrics}", flush=True)
     return provenance
+
+
+def build_student(cfg: DistillConfig, device: torch.device) -> torch.nn.Module:
+    """architecture.py's ``model``, checked against its own state_dict, ImageNet-initialised."""
+    student = exec_architecture(cfg.arch)["model"]
+    check_state_dict_matches(student.state_dict(), cfg.arch)
+    if cfg.student_init != "none":
+        init_student_weights(student, cfg.student_timm_name, cfg.student_init)
+    return student.to(device)
+
+
+def load_teachers(cfg: DistillConfig, device: torch.device) -> Ensemble:
+    folders = cfg.teachers or [str(p) for p in find_teacher_folders(cfg.teachers_root)]
+    if not folders:
+        raise TeacherError(f"{cfg.teachers_root}: no teachers found (train some with train_teacher.py, "
+                           "or pass --teachers DIR ..., or --scratch)")
+    return Ensemble([load_teacher(f, device) for f in folders], cfg.combine, cfg.teacher_weights or None)
+
+
+def check_student_classes(student, data, cfg: DistillConfig, device: torch.device) -> None:
+    """One logit per class, or KD fails mid-run (and scratch trains garbage)."""
+    with torch.no_grad():
+        n_out = student.eval()(torch.zeros(2, 1, 100, 100, device=device)).shape[-1]
+    if n_out != len(data.classes):
+        raise ContractError(f"{cfg.arch}: the student outputs {n_out} classes, but the "
+                            f"{'data' if cfg.scratch else 'teachers'} have {len(data.classes)} "
+                            f"({', '.join(data.classes)})")
+
+
+def soft_objective(cfg: DistillConfig, logits, probs, labels) -> dict:
+    """The distillation loss against the ensemble's probabilities, the same in both modes:
+    KD (alpha * CE + (1 - alpha) * T^2 * KL, Hinton 2015) or DIST. A mixed batch (mixup) has
+    no single label per image (``labels`` None): KD is then its soft term alone (alpha 0)."""
+    if cfg.loss == "dist":
+        return dist_loss(logits, probs, T=cfg.temperature)
+    return kd_loss(logits, probs, labels, T=cfg.temperature, alpha=cfg.alpha if labels is not None else 0.0)
+
+
+def make_loss(cfg: DistillConfig, data, device, view_params, features, targets, ensemble):
+    """``loss_fn(net, idx, generator)`` of the run's mode: scratch, cached or online."""
+    def stored_view(idx, gen):
+        """A random stored view k of each image: its frozen-stage features, or its grey pixels."""
+        k = torch.randint(0, cfg.views, (len(idx),), generator=gen)
+        if features is not None:
+            return features[idx, k].to(device).float(), k                 # (B, C', h, w)
+        return apply_views(data.grey[idx], view_params[idx, k].long()).to(device).float() / 255, k
+
+    def scratch(net, idx, gen):
+        x, _ = stored_view(idx, gen)
+        return {"loss": label_smoothing_ce(net(x), data.labels[idx].to(device), cfg.label_smoothing)}
+
+    def cached(net, idx, gen):
+        x, k = stored_view(idx, gen)
+        probs, y = targets[idx, k].float().to(device), data.labels[idx].to(device)
+        if cfg.mixup > 0:
+            # Mixed inputs get the mix of the stored ensemble targets: an approximation of
+            # the teacher on the mixed image (function matching) that costs no teacher pass.
+            x, probs = mixup_cutmix(x, probs, len(data.classes), cfg.mixup, 0.0, gen)
+            y = None
+        return soft_objective(cfg, net(x), probs, y)
+
+    def online(net, idx, gen):
+        # the teachers see the RGB of the very view (and mix) the student sees
+        y = data.labels[idx].to(device)
+        params = random_view_params(len(idx), cfg.max_shift, generator=gen)
+        both = torch.cat([apply_views(data.rgb[idx], params), apply_views(data.grey[idx], params)], 1)
+        both = both.to(device).float() / 255                                       # (B, 4, H, W)
+        if cfg.mixup > 0:
+            both, _ = mixup_cutmix(both, y, len(data.classes), cfg.mixup, 0.0, gen)
+            y = None
+        with torch.no_grad():
+            probs = ensemble(both[:, :3]).exp()
+        return soft_objective(cfg, net(both[:, 3:]), probs, y)
+
+    return scratch if cfg.scratch else cached if cfg.mode == "cached" else online
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ augmentation is ever seen that the model could not have computed itself.
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,10 +22,11 @@ import torch.nn.functional as F
 from toolkit.augment import apply_views, mixup_cutmix, random_view_params, sample_view_params, trivial_augment
 from toolkit.cli import run_main
 from toolkit.config import check_device, check_timm_model, option, parse_config
-from toolkit.data import ClassBalancedSampler, check_split, default_cache_dir, load_course_folder, stratified_folds
-from toolkit.engine import (Trainer, epoch_index_batches, init_distributed, make_optimizer, run_identity, run_info,
-                            save_run_config, seed_everything, warmup_cosine)
-from toolkit.teachers import TrunkSplit, build_teacher, cached_trunk_features, save_teacher
+from toolkit.data import ClassBalancedSampler, check_split, load_course_folder, stratified_folds
+from toolkit.engine import (epoch_index_batches, init_distributed, make_trainer, run_info,
+                            save_run_config, seed_everything, val_metrics)
+from toolkit.teachers import build_teacher, save_teacher
+from toolkit.trunk import TrunkSplit, cached_trunk_features, teacher_trunk_key, trunk_cache_path
 
 
 @dataclass
@@ -94,91 +94,74 @@ def main(argv=None) -> dict:
     sampler = ClassBalancedSampler(data.labels, train_idx, cfg.balance_power, seed=cfg.seed,
                                    rank=env.rank, world_size=env.world_size)
 
-    # --- model ---------------------------------------------------------------------------
+    # --- model: with a frozen trunk, its features of K fixed views are computed once ------
     teacher = build_teacher(cfg.model, data.classes, cfg.input_mode, cfg.input_size, cfg.pretrained)
-    cached = cfg.trunk_cache and cfg.frozen_stages > 0
     model = TrunkSplit(teacher.backbone, cfg.frozen_stages) if cfg.frozen_stages > 0 else teacher.backbone
     teacher.to(device)  # (channels_last already: see Teacher)
-    if cached:
-        features, view_params = trunk_features(cfg, data, teacher, model, device, env.is_main)
+    features = None
+    if cfg.trunk_cache and cfg.frozen_stages > 0:
+        features = trunk_features(cfg, data, teacher, model, device, env.is_main)   # (N, K, C', h, w)
         model.takes_features = True
-    steps_per_epoch = len(epoch_index_batches(sampler, 0, cfg.batch_size))
-    total_steps = cfg.epochs * steps_per_epoch
-    optimizer = make_optimizer(model.parameters(), cfg.optimizer, cfg.lr * cfg.batch_size / 256, cfg.weight_decay)
-    scheduler = warmup_cosine(optimizer, total_steps, int(cfg.warmup_epochs * steps_per_epoch))
-    trainer = Trainer(model, optimizer, scheduler, out, cfg.epochs, cfg.seed, env, device,
-                      cfg.ema_decay, cfg.checkpoint_every, amp=cfg.amp and device.type == "cuda",
-                      desc=f"teacher {out.name}", identity=run_identity(asdict(cfg), data.fingerprint))
-    if cfg.resume and trainer.resume() and env.is_main:
-        print(f"resumed {out} at epoch {trainer.epoch + 1}, step {trainer.global_step}", flush=True)
 
-    # --- loss on one batch of sample indices ---------------------------------------------
-    def loss_fn(net, idx, gen):
-        y = data.labels[idx].to(device)
-        if cached:  # a random cached view of each image: (B, C', h, w) features
-            k = torch.randint(0, cfg.views, (len(idx),), generator=gen)
-            logits = net(features[idx, k].float().to(device))
-            return {"loss": F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)}
-        x = data.rgb[idx]
-        x = apply_views(x, random_view_params(len(idx), cfg.max_shift, generator=gen))
-        if cfg.trivial_augment:
-            x = trivial_augment(x, gen)
-        x = teacher.prepare(x.to(device))
-        if cfg.mixup > 0 or cfg.cutmix > 0:
-            x, target = mixup_cutmix(x, y, len(data.classes), cfg.mixup, cfg.cutmix, gen)
-            loss = torch.sum(-target * F.log_softmax(net(x), 1), 1).mean()
-            return {"loss": loss}
-        return {"loss": F.cross_entropy(net(x), y, label_smoothing=cfg.label_smoothing)}
+    # --- training --------------------------------------------------------------------------
+    trainer = make_trainer(model, cfg, out, sampler, env, device, desc=f"teacher {out.name}",
+                           fingerprint=data.fingerprint)
+    loss_fn = make_loss(cfg, data, teacher, features, device)
 
-    @torch.no_grad()
-    def evaluate(net):
-        if len(val_idx) == 0:
-            return {}
+    def evaluate(net):  # view 0 of the cached views is the identity
         net.eval()
-        logits = []
-        for b in val_idx.split(256):
-            if cached:  # views 0 and 1 are the identity and the mirror
-                logits.append(net(features[b, 0].float().to(device)).float().cpu())
-            else:
-                logits.append(net(teacher.prepare(data.rgb[b].to(device))).float().cpu())
-        logits = torch.cat(logits)
-        y = data.labels[val_idx]
-        return {"val_acc": (logits.argmax(1) == y).float().mean().item(),
-                "val_nll": F.cross_entropy(logits, y).item()}
+        if features is not None:
+            return val_metrics(lambda b: net(features[b, 0].float().to(device)), val_idx, data.labels, 256)
+        return val_metrics(lambda b: net(teacher.prepare(data.rgb[b].to(device))), val_idx, data.labels, 256)
 
     t0 = time.time()
     history = trainer.fit(lambda e: epoch_index_batches(sampler, e, cfg.batch_size), loss_fn, evaluate)
 
     # --- save: the EMA weights, with all that rebuilds the teacher -----------------------
-    if env.is_main:
-        final = trainer.eval_model
-        teacher.backbone.load_state_dict(getattr(final, "backbone", final).state_dict())
-        metrics = {k: v for k, v in history[-1].items() if k.startswith("val_")} if history else {}
-        metrics.update(train_seconds=round(time.time() - t0, 1), val_images=len(val_idx),
-                       fold=cfg.fold, folds=cfg.folds)
-        config = asdict(cfg) | {"data_fingerprint": data.fingerprint, "classes": data.classes}
-        if cached:
-            config["trunk_cache_key"] = trunk_cache_key(cfg, data.fingerprint)
-        save_teacher(out, teacher, config, metrics, cfg.pretrained)
-        save_run_config(out, config, run_info(cfg.seed, data.fingerprint))
-        print(f"teacher saved to {out}: {metrics}", flush=True)
-        return metrics
-    return {}
+    if not env.is_main:
+        return {}
+    final = trainer.eval_model
+    teacher.backbone.load_state_dict(getattr(final, "backbone", final).state_dict())
+    metrics = {k: v for k, v in history[-1].items() if k.startswith("val_")} if history else {}
+    metrics.update(train_seconds=round(time.time() - t0, 1), val_images=len(val_idx),
+                   fold=cfg.fold, folds=cfg.folds)
+    config = asdict(cfg) | {"data_fingerprint": data.fingerprint, "classes": data.classes}
+    if features is not None:
+        config["trunk_cache_key"] = teacher_trunk_key(config, data.fingerprint)
+    save_teacher(out, teacher, config, metrics, cfg.pretrained)
+    save_run_config(out, config, run_info(cfg.seed, data.fingerprint))
+    print(f"teacher saved to {out}: {metrics}", flush=True)
+    return metrics
 
 
-def trunk_cache_key(cfg: TeacherConfig, fingerprint: str) -> str:
-    fields = (cfg.model, cfg.pretrained, cfg.input_mode, cfg.input_size, cfg.frozen_stages,
-              cfg.views, cfg.max_shift, cfg.seed, fingerprint)
-    return hashlib.sha1(repr(fields).encode()).hexdigest()[:16]
+def make_loss(cfg: TeacherConfig, data, teacher, features, device):
+    """``loss_fn(net, idx, generator)``: on a random cached view's trunk features, or (no
+    trunk cache) on a random shifted/flipped view with TrivialAugment and mixup/cutmix."""
+    def cached(net, idx, gen):  # a random cached view of each image: (B, C', h, w) features
+        k = torch.randint(0, cfg.views, (len(idx),), generator=gen)
+        logits = net(features[idx, k].float().to(device))
+        return {"loss": F.cross_entropy(logits, data.labels[idx].to(device), label_smoothing=cfg.label_smoothing)}
+
+    def online(net, idx, gen):
+        y = data.labels[idx].to(device)
+        x = apply_views(data.rgb[idx], random_view_params(len(idx), cfg.max_shift, generator=gen))
+        if cfg.trivial_augment:
+            x = trivial_augment(x, gen)
+        x = teacher.prepare(x.to(device))
+        if cfg.mixup > 0 or cfg.cutmix > 0:
+            x, target = mixup_cutmix(x, y, len(data.classes), cfg.mixup, cfg.cutmix, gen)
+            return {"loss": torch.sum(-target * F.log_softmax(net(x), 1), 1).mean()}
+        return {"loss": F.cross_entropy(net(x), y, label_smoothing=cfg.label_smoothing)}
+
+    return cached if features is not None else online
 
 
-def trunk_features(cfg, data, teacher, split, device, verbose):
+def trunk_features(cfg: TeacherConfig, data, teacher, split, device, verbose) -> torch.Tensor:
     """(N, K, C', h, w) fp16 trunk features of K views of every image, cached on disk so that
     every fold's teacher (and distillation) reuses them."""
     view_params = sample_view_params(len(data), cfg.views, cfg.max_shift, cfg.seed)
-    path = default_cache_dir() / f"trunk-{trunk_cache_key(cfg, data.fingerprint)}.pt"
-    features = cached_trunk_features(path, teacher, split, data.rgb, view_params, device, save=verbose)
-    return features, view_params
+    path = trunk_cache_path(teacher_trunk_key(asdict(cfg), data.fingerprint))
+    return cached_trunk_features(path, teacher, split, data.rgb, view_params, device, save=verbose)
 
 
 if __name__ == "__main__":

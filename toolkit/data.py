@@ -40,12 +40,21 @@ class DataError(ValueError):
 # ----------------------------------------------------------------------------------------
 # The server's grey conversion
 # ----------------------------------------------------------------------------------------
-def _srgb_to_linear(c: np.ndarray) -> np.ndarray:
-    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+def _srgb_to_linear(c):
+    xp = torch if torch.is_tensor(c) else np
+    return xp.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
 
 
-def _linear_to_srgb(c: np.ndarray) -> np.ndarray:
-    return np.where(c <= 0.0031308, 12.92 * c, 1.055 * np.power(c, 1 / 2.4) - 0.055)
+def _linear_to_srgb(c):
+    xp = torch if torch.is_tensor(c) else np
+    positive = xp.clip(c, 1e-12, None)  # no NaN gradient of pow at 0 (a branch not taken there)
+    return xp.where(c <= 0.0031308, 12.92 * c, 1.055 * positive ** (1 / 2.4) - 0.055)
+
+
+def _luminance(lin, axis: int):
+    """Rec. 709 luminance of linear RGB along ``axis`` (kept, as size 1, for tensors)."""
+    r, g, b = (lin.narrow(axis, i, 1) if torch.is_tensor(lin) else lin.take(i, axis=axis) for i in range(3))
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
 
 
 # sRGB -> linear only ever sees 256 values: a float64 look-up table computed by the same
@@ -55,9 +64,13 @@ _LINEAR_LUT = _srgb_to_linear(np.arange(256, dtype=np.float64) / 255.0)
 
 def rgb_to_server_grey(rgb: np.ndarray) -> np.ndarray:
     """(H, W, 3) uint8 sRGB -> (H, W) uint8 grey, exactly as the grading server computes it."""
-    lin = _LINEAR_LUT[rgb]  # (H, W, 3) float64
-    luminance = 0.2126 * lin[..., 0] + 0.7152 * lin[..., 1] + 0.0722 * lin[..., 2]
-    return np.round(_linear_to_srgb(luminance) * 255).astype(np.uint8)
+    return np.round(_linear_to_srgb(_luminance(_LINEAR_LUT[rgb], -1)) * 255).astype(np.uint8)
+
+
+def server_grey(rgb: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) float sRGB in [0, 1] -> (B, 1, H, W) float, the server's formula unrounded
+    (a grey teacher's input). architecture.py keeps its own copy: it may import torch only."""
+    return _linear_to_srgb(_luminance(_srgb_to_linear(rgb), 1))
 
 
 def fit_to_square(img: np.ndarray, size: int = SIZE) -> np.ndarray:

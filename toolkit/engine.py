@@ -1,7 +1,8 @@
 """The training engine shared by train_teacher.py and distill.py.
 
-Devices (CUDA / MPS / CPU), torchrun DDP, AMP, warm-up + cosine schedule, EMA weights,
-atomic checkpoints with step-exact resume, a non-finite-loss guard and one log row per epoch.
+Devices (CUDA / MPS / CPU), torchrun DDP, AMP (CUDA only), warm-up + cosine schedule, EMA
+weights, atomic checkpoints with step-exact resume, a non-finite-loss guard and one log row per
+epoch; ``make_trainer`` and ``val_metrics`` are the set-up and the val metrics both scripts share.
 
 Determinism: every step draws its randomness from a generator seeded by (seed, global step),
 and every epoch's batch order from (seed, epoch); so a run resumed from any checkpoint
@@ -9,6 +10,7 @@ replays exactly the steps an uninterrupted run would have taken.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
@@ -152,6 +155,35 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def make_trainer(model: nn.Module, cfg, out_dir: str | Path, sampler, env: DistEnv, device: torch.device,
+                 desc: str, fingerprint: str | None = None) -> "Trainer":
+    """The two scripts' shared set-up: the optimizer at ``cfg.lr`` per 256 images, warm-up
+    (``cfg.warmup_epochs``) + cosine over ``cfg.epochs`` epochs of ``sampler``'s batches, the
+    Trainer with EMA and checkpoints, resumed from ``out_dir`` with ``cfg.resume`` (which must
+    then hold a checkpoint of this run: the data ``fingerprint``, ``cfg`` and the model)."""
+    steps_per_epoch = len(epoch_index_batches(sampler, 0, cfg.batch_size))
+    optimizer = make_optimizer(model.parameters(), cfg.optimizer, cfg.lr * cfg.batch_size / 256, cfg.weight_decay)
+    scheduler = warmup_cosine(optimizer, cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch))
+    trainer = Trainer(model, optimizer, scheduler, out_dir, cfg.epochs, cfg.seed, env, device, cfg.ema_decay,
+                      cfg.checkpoint_every, amp=cfg.amp, desc=desc,
+                      identity=None if fingerprint is None else run_identity(dataclasses.asdict(cfg), fingerprint))
+    if cfg.resume and trainer.resume() and env.is_main:
+        print(f"resumed {out_dir} at epoch {trainer.epoch + 1}, step {trainer.global_step}", flush=True)
+    return trainer
+
+
+@torch.no_grad()
+def val_metrics(predict: Callable[[torch.Tensor], torch.Tensor], val_idx: torch.Tensor, labels: torch.Tensor,
+                batch_size: int | None = None) -> dict:
+    """Accuracy and NLL on the val fold ({} without one); ``predict(index batch)`` -> logits."""
+    if len(val_idx) == 0:
+        return {}
+    batches = [val_idx] if batch_size is None else val_idx.split(batch_size)
+    logits = torch.cat([predict(b).float().cpu() for b in batches])
+    y = labels[val_idx]
+    return {"val_acc": (logits.argmax(1) == y).float().mean().item(), "val_nll": F.cross_entropy(logits, y).item()}
+
+
 # ----------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------
@@ -165,20 +197,19 @@ class Trainer:
 
     def __init__(self, model: nn.Module, optimizer, scheduler, out_dir: str | Path, epochs: int,
                  seed: int, env: DistEnv = DistEnv(), device: torch.device = torch.device("cpu"),
-                 ema_decay: float = 0.0, checkpoint_every: int = 200, grad_clip: float = 0.0,
-                 amp: bool = False, extra_state: Callable[[], dict] | None = None, desc: str = "train",
+                 ema_decay: float = 0.0, checkpoint_every: int = 200, amp: bool = False, desc: str = "train",
                  identity: dict | None = None):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.out_dir, self.epochs, self.seed, self.env, self.device = Path(out_dir), epochs, seed, env, device
         self.ema = ModelEmaV3(model, decay=ema_decay, use_warmup=True) if ema_decay > 0 else None
-        self.checkpoint_every, self.grad_clip, self.desc = checkpoint_every, grad_clip, desc
-        self.amp_dtype = (torch.bfloat16 if device.type == "cpu" else torch.float16) if amp else None
-        self.scaler = torch.amp.GradScaler(device.type) if amp and device.type == "cuda" else None
+        self.checkpoint_every, self.desc = checkpoint_every, desc
+        amp = amp and device.type == "cuda"  # fp16 autocast + loss scaling; CPU runs stay fp32
+        self.amp_dtype = torch.float16 if amp else None
+        self.scaler = torch.amp.GradScaler(device.type) if amp else None
         self.train_model = model
         if env.enabled:
             self.train_model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
-        self.extra_state = extra_state
         # run_identity(...) + the trained model's parameter names and shapes: stored in every
         # checkpoint and compared on resume (None: not checked, for library use)
         self.identity = None if identity is None else {
@@ -248,7 +279,6 @@ class Trainer:
     def fit(self, epoch_batches: Callable[[int], list], loss_fn: Callable, evaluate: Callable) -> list[dict]:
         while self.epoch < self.epochs:
             batches = epoch_batches(self.epoch)
-            record_batches(batches[self.step_in_epoch:], self.epoch, self.env.rank)
             self.model.train()
             if self.step_in_epoch == 0:
                 self.epoch_sums, self.epoch_count = {}, 0
@@ -305,15 +335,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
-        if self.grad_clip:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
+            loss.backward()
             self.optimizer.step()
         self.scheduler.step()
         if self.ema is not None:
@@ -321,18 +346,6 @@ class Trainer:
         self.global_step += 1
         self.step_in_epoch += 1
         return {k: float(v.detach()) for k, v in losses.items()}
-
-
-def record_batches(batches: list, epoch: int, rank: int) -> None:
-    """Debug hook for tests: with TOOLKIT_RECORD_BATCHES=path, append the sample indices this
-    rank is about to train on in ``epoch`` to ``path.rank{rank}.json``."""
-    path = os.environ.get("TOOLKIT_RECORD_BATCHES")
-    if not path:
-        return
-    path = Path(f"{path}.rank{rank}.json")
-    rows = json.loads(path.read_text()) if path.is_file() else []
-    rows.append({"epoch": epoch, "batches": [torch.as_tensor(b).tolist() for b in batches]})
-    atomic_write_json(rows, path)
 
 
 def epoch_index_batches(sampler, epoch: int, batch_size: int) -> list[torch.Tensor]:

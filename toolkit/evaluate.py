@@ -27,10 +27,11 @@ from .data import DataError, load_course_folder, load_image_files, load_server_b
 from .export import PARITY_TOLERANCE, export_student
 from .files import expand_images, load_indices, sha256_file
 from .io import atomic_write_json, atomic_write_text, ensure_writable_dir, output_problem
+from .backbones import TeacherError
+from .ensemble import Ensemble, members_identity_logits
 from .metrics import model_cost
 from .student import ContractError, check_output, load_student_checked, student_classes, student_log_probs
-from .teachers import (Ensemble, TeacherError, find_teacher_folders, load_teacher, members_identity_logits,
-                       predict_logits)
+from .teachers import find_teacher_folders, load_teacher, predict_logits
 
 
 def load_teachers(folders) -> tuple[list, Ensemble]:

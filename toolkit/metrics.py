@@ -122,7 +122,7 @@ def temperature_scale(log_probs, y_true) -> dict[str, float]:
     The temperature is fitted on the very data it is scored on, so the result is an
     optimistic, in-sample bound on what temperature scaling can do.
     """
-    from .teachers import fit_temperature
+    from .ensemble import fit_temperature
     lp = torch.as_tensor(log_softmax(log_probs), dtype=torch.float32)
     y = torch.as_tensor(_np(y_true, np.int64))
     with warnings.catch_warnings():  # fit_temperature's float(tensor requiring grad)

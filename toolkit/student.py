@@ -176,7 +176,7 @@ def init_student_weights(student: torch.nn.Module, timm_name: str, source: str) 
     download), or a state_dict file. The RGB stem filters are summed for grey input; the
     classifier keeps its fresh initialisation.
     """
-    from .teachers import create_backbone
+    from .backbones import create_backbone
     num_classes = student.classifier.out_features if hasattr(student, "classifier") else 20
     backbone, mean, _ = create_backbone(timm_name, num_classes, in_chans=1, pretrained=source)
     theirs, ours = backbone.state_dict(), student.state_dict()
@@ -210,8 +210,7 @@ def student_trunk_features(student: torch.nn.Module, frozen_stages: int, grey_u8
     depend on: the student's input transform, the frozen modules (structure and every weight and
     statistic), the views and the data's fingerprint."""
     import hashlib
-    from .data import default_cache_dir
-    from .teachers import TrunkSplit, cached_trunk_features
+    from .trunk import TrunkSplit, cached_trunk_features, trunk_cache_path
     split = TrunkSplit(student, frozen_stages)
     student_input = StudentInput(student)
     h = hashlib.sha1(f"{fingerprint}|{split.trunk_modules()!r}".encode())
@@ -224,7 +223,7 @@ def student_trunk_features(student: torch.nn.Module, frozen_stages: int, grey_u8
         for t in m.state_dict().values():
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
     h.update(view_params.contiguous().numpy().tobytes())
-    path = default_cache_dir() / f"student-trunk-{h.hexdigest()[:16]}.pt"
+    path = trunk_cache_path(h.hexdigest()[:16], prefix="student-trunk")
     features = cached_trunk_features(path, student_input, split, grey_u8, view_params, device,
                                      save=verbose, desc="student trunk features")
     return split, features

@@ -1,0 +1,173 @@
+"""Frozen trunks: compute a backbone's first stages once on fixed views, train the rest.
+
+``TrunkSplit`` splits a timm backbone (or the student, whose names are timm's) into a frozen
+trunk (stem + the first n stages, BatchNorm in eval mode) and the trainable rest. The trunk's
+features of K fixed views of every image are computed once, stored in fp16 in the cache folder
+(``trunk_cache_path``) and shared by every fold's teacher and by the soft-target pass.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from .augment import apply_views
+from .backbones import TeacherError
+from .data import default_cache_dir
+from .io import atomic_save
+
+
+class TrunkSplit(nn.Module):
+    """Splits a timm backbone into a frozen ``trunk`` (stem + the first n stages) and the
+    trainable rest, so that trunk features of fixed views can be computed once and reused:
+    the result is exactly the full model's output on those views (the trunk, BatchNorm
+    included, is frozen in eval mode)."""
+
+    def __init__(self, backbone: nn.Module, frozen_stages: int):
+        super().__init__()
+        self.backbone, self.frozen_stages = backbone, frozen_stages
+        if hasattr(backbone, "conv_stem") and hasattr(backbone, "blocks"):  # EfficientNet family
+            self.kind = "efficientnet"
+            n_stages = len(backbone.blocks)
+        elif all(hasattr(backbone, f"layer{i}") for i in range(1, 5)):     # ResNet family
+            self.kind = "resnet"
+            n_stages = 4
+        else:
+            raise TeacherError(f"{type(backbone).__name__}: frozen-trunk caching supports timm "
+                               "EfficientNet/MobileNet- and ResNet-style models; use --frozen-stages 0")
+        if not 0 < frozen_stages < n_stages:
+            raise TeacherError(f"--frozen-stages must be in 1..{n_stages - 1} for this model")
+        for p in self.trunk_parameters():
+            p.requires_grad_(False)
+        self.train(backbone.training)  # the trunk is in eval mode from the start, not after .train()
+        self.takes_features = False  # True: forward() receives cached trunk features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Through forward() (not .head directly) so that DDP's gradient hooks fire.
+        return self.head(x if self.takes_features else self.trunk(x))
+
+    def trunk_modules(self) -> list[nn.Module]:
+        b = self.backbone
+        if self.kind == "efficientnet":
+            return [b.conv_stem, b.bn1, *b.blocks[:self.frozen_stages]]
+        return [b.conv1, b.bn1, b.act1, b.maxpool] + [getattr(b, f"layer{i}") for i in range(1, self.frozen_stages + 1)]
+
+    def trunk_parameters(self):
+        for m in self.trunk_modules():
+            yield from m.parameters()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in self.trunk_modules():
+            m.eval()  # frozen BatchNorm statistics: features stay those that were cached
+        return self
+
+    @torch.no_grad()
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        for m in self.trunk_modules():
+            x = m(x)
+        return x
+
+    def head(self, f: torch.Tensor) -> torch.Tensor:
+        b = self.backbone
+        f = f.contiguous(memory_format=torch.channels_last)  # cached features come contiguous
+        if self.kind == "efficientnet":
+            f = b.blocks[self.frozen_stages:](f)
+            if hasattr(b, "bn2"):  # EfficientNet: conv_head + bn2 belong to forward_features
+                f = b.bn2(b.conv_head(f))
+            return b.forward_head(f)
+        for i in range(self.frozen_stages + 1, 5):
+            f = getattr(b, f"layer{i}")(f)
+        return b.forward_head(f)
+
+
+# ----------------------------------------------------------------------------------------
+# Trunk features of K views, and their on-disk cache
+# ----------------------------------------------------------------------------------------
+def trunk_cache_path(key: str, prefix: str = "trunk") -> Path:
+    """The cache file of the trunk features named by ``key`` (in $TOOLKIT_CACHE): the one
+    place that names these files, for teachers ('trunk') and the student ('student-trunk')."""
+    return default_cache_dir() / f"{prefix}-{key}.pt"
+
+
+def teacher_trunk_key(config: dict, fingerprint: str) -> str:
+    """Key of a teacher's trunk features: every setting they depend on, and the data."""
+    fields = tuple(config[k] for k in ("model", "pretrained", "input_mode", "input_size", "frozen_stages",
+                                       "views", "max_shift", "seed")) + (fingerprint,)
+    return hashlib.sha1(repr(fields).encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def compute_trunk_features(teacher, split: TrunkSplit, images_u8: torch.Tensor,
+                           view_params: torch.Tensor, batch_size: int = 128,
+                           device: str | torch.device = "cpu", desc: str = "trunk features") -> torch.Tensor:
+    """Frozen-trunk features of K views of every image.
+
+    ``teacher.prepare`` turns a uint8 view into the backbone's input; images_u8: (N, c, 100, 100)
+    uint8; view_params: (N, K, 3) int [flip, dx, dy]
+    -> (N, K, C', h, w) float16 (halves memory; the trunk is frozen so these never change).
+    """
+    n, k = view_params.shape[:2]
+    split.eval()
+    out = None
+    flat = [(i, j) for i in range(n) for j in range(k)]
+    for start in tqdm(range(0, n * k, batch_size), desc=desc, unit="batch", leave=False):
+        idx = torch.tensor(flat[start:start + batch_size])
+        views = apply_views(images_u8[idx[:, 0]], view_params[idx[:, 0], idx[:, 1]].long())
+        feats = split.trunk(teacher.prepare(views.to(device))).half().cpu()
+        if out is None:
+            out = torch.empty((n, k, *feats.shape[1:]), dtype=torch.float16)
+        out[idx[:, 0], idx[:, 1]] = feats
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def load_trunk_file(path: Path, mtime_ns: int) -> dict:
+    """Teachers of one recipe share one trunk file (~1 GB): read it once per process."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def cached_trunk_features(path: Path, teacher, split: TrunkSplit, images_u8: torch.Tensor,
+                          view_params: torch.Tensor, device: str | torch.device = "cpu",
+                          save: bool = True, desc: str = "trunk features") -> torch.Tensor:
+    """compute_trunk_features through an on-disk cache: ``path`` is used when it holds exactly
+    these views (its name must encode everything else the features depend on); otherwise the
+    features are computed and, with ``save`` (the main rank), written atomically to ``path``."""
+    if path.is_file():
+        try:
+            blob = load_trunk_file(path, path.stat().st_mtime_ns)
+            if torch.equal(blob["view_params"], view_params):
+                return blob["features"]
+        except Exception as err:
+            print(f"warning: {path}: corrupt trunk cache ({type(err).__name__}); recomputing", file=sys.stderr)
+    t0 = time.time()
+    features = compute_trunk_features(teacher, split, images_u8, view_params, device=device, desc=desc)
+    if save:
+        print(f"{desc} {tuple(features.shape)} in {time.time() - t0:.0f}s", flush=True)
+        atomic_save({"features": features, "view_params": view_params}, path)
+    return features
+
+
+def stored_trunk_features(teacher, view_params: torch.Tensor, fingerprint: str) -> torch.Tensor | None:
+    """The teacher's own frozen-trunk features for exactly these views, if on disk."""
+    key = getattr(teacher, "config", {}).get("trunk_cache_key")
+    if not key:
+        return None
+    path = trunk_cache_path(key)
+    if not path.is_file():
+        return None
+    try:
+        blob = load_trunk_file(path, path.stat().st_mtime_ns)
+    except Exception:
+        return None
+    if blob["view_params"].shape != view_params.shape or not torch.equal(blob["view_params"], view_params):
+        return None
+    if teacher.config.get("data_fingerprint", fingerprint) != fingerprint:
+        return None
+    return blob["features"]
