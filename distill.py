@@ -115,11 +115,11 @@ def main(argv=None) -> dict:
     # --- teachers and data ---------------------------------------------------------------
     ensemble = None if cfg.scratch else load_teachers(cfg, device)
     data = load_course_folder(cfg.data, classes=ensemble.classes if ensemble else None, progress=env.is_main)
-    check_student_classes(student, data, cfg, device)
     folds = stratified_folds(data.labels, cfg.folds, cfg.seed if cfg.split_seed < 0 else cfg.split_seed)
     train_idx = (folds != cfg.val_fold).nonzero().flatten()
     val_idx = (folds == cfg.val_fold).nonzero().flatten()
     check_split(data, train_idx, val_idx, cfg.val_fold, every_class=False)
+    check_student_classes(student, data, cfg, device)
     sampler = ClassBalancedSampler(data.labels, train_idx, cfg.balance_power, seed=cfg.seed,
                                    rank=env.rank, world_size=env.world_size)
 
