@@ -12,7 +12,8 @@ is labelled by the teachers that never trained on it (out-of-fold targets). The 
 (EfficientNet-Lite0 with a grey stem) starts from ImageNet weights; its stem and first
 --student-frozen-stages stages stay fixed, so their features of the K views are computed once
 too, and each step trains only the rest.
-Online mode: the teachers run on the student's own augmented batch (mixup/cutmix allowed).
+Online mode: the teachers run on the student's own augmented batch. With --mixup, both modes
+minimise the same objective against the mixed targets (KD: its soft term alone, alpha 0, T^2 * KL).
 """
 from __future__ import annotations
 
@@ -23,18 +24,17 @@ from pathlib import Path
 import torch
 
 from toolkit.augment import apply_views, mixup_cutmix, random_view_params, sample_view_params
-from toolkit.backbones import TeacherError
 from toolkit.cli import run_main
 from toolkit.config import check_device, option, parse_config
-from toolkit.data import ClassBalancedSampler, check_split, load_course_folder, stratified_folds
+from toolkit.data import check_split, load_course_folder
 from toolkit.engine import (epoch_index_batches, init_distributed, make_trainer, run_info,
                             save_run_config, seed_everything, val_metrics)
-from toolkit.ensemble import Ensemble, ensemble_on_val, view_soft_targets
+from toolkit.ensemble import ensemble_on_val, load_ensemble, view_soft_targets
 from toolkit.io import atomic_save, atomic_write_json, ensure_writable_dir
 from toolkit.losses import dist_loss, kd_loss, label_smoothing_ce
+from toolkit.splits import ClassBalancedSampler, fold_split
 from toolkit.student import (ContractError, check_state_dict_matches, exec_architecture, init_student_weights,
                              student_trunk_features)
-from toolkit.teachers import find_teacher_folders, load_teacher
 
 
 @dataclass
@@ -113,11 +113,11 @@ def main(argv=None) -> dict:
     student = build_student(cfg, device)
 
     # --- teachers and data ---------------------------------------------------------------
-    ensemble = None if cfg.scratch else load_teachers(cfg, device)
+    ensemble = None if cfg.scratch else load_ensemble(cfg.teachers, cfg.teachers_root, device, combine=cfg.combine,
+                                                      weights=cfg.teacher_weights or None)
     data = load_course_folder(cfg.data, classes=ensemble.classes if ensemble else None, progress=env.is_main)
-    folds = stratified_folds(data.labels, cfg.folds, cfg.seed if cfg.split_seed < 0 else cfg.split_seed)
-    train_idx = (folds != cfg.val_fold).nonzero().flatten()
-    val_idx = (folds == cfg.val_fold).nonzero().flatten()
+    folds, train_idx, val_idx = fold_split(data.labels, cfg.folds, cfg.seed if cfg.split_seed < 0 else cfg.split_seed,
+                                           cfg.val_fold)
     check_split(data, train_idx, val_idx, cfg.val_fold, every_class=False)
     check_student_classes(student, data, cfg, device)
     sampler = ClassBalancedSampler(data.labels, train_idx, cfg.balance_power, seed=cfg.seed,
@@ -179,14 +179,6 @@ def build_student(cfg: DistillConfig, device: torch.device) -> torch.nn.Module:
     if cfg.student_init != "none":
         init_student_weights(student, cfg.student_timm_name, cfg.student_init)
     return student.to(device)
-
-
-def load_teachers(cfg: DistillConfig, device: torch.device) -> Ensemble:
-    folders = cfg.teachers or [str(p) for p in find_teacher_folders(cfg.teachers_root)]
-    if not folders:
-        raise TeacherError(f"{cfg.teachers_root}: no teachers found (train some with train_teacher.py, "
-                           "or pass --teachers DIR ..., or --scratch)")
-    return Ensemble([load_teacher(f, device) for f in folders], cfg.combine, cfg.teacher_weights or None)
 
 
 def check_student_classes(student, data, cfg: DistillConfig, device: torch.device) -> None:

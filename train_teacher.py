@@ -17,14 +17,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from toolkit.augment import apply_views, mixup_cutmix, random_view_params, sample_view_params, trivial_augment
 from toolkit.cli import run_main
 from toolkit.config import check_device, check_timm_model, option, parse_config
-from toolkit.data import ClassBalancedSampler, check_split, load_course_folder, stratified_folds
+from toolkit.data import check_split, load_course_folder
 from toolkit.engine import (epoch_index_batches, init_distributed, make_trainer, run_info,
                             save_run_config, seed_everything, val_metrics)
+from toolkit.losses import label_smoothing_ce, soft_cross_entropy
+from toolkit.splits import ClassBalancedSampler, fold_split
 from toolkit.teachers import build_teacher, save_teacher
 from toolkit.trunk import TrunkSplit, cached_trunk_features, teacher_trunk_key, trunk_cache_path
 
@@ -87,9 +88,7 @@ def main(argv=None) -> dict:
 
     # --- data: uint8 tensors in memory; val = one stratified fold ------------------------
     data = load_course_folder(cfg.data, progress=env.is_main)
-    folds = stratified_folds(data.labels, cfg.folds, cfg.seed)
-    train_idx = (~torch.isin(folds, torch.tensor([cfg.fold, *cfg.exclude_folds]))).nonzero().flatten()
-    val_idx = (folds == cfg.fold).nonzero().flatten()
+    _, train_idx, val_idx = fold_split(data.labels, cfg.folds, cfg.seed, cfg.fold, cfg.exclude_folds)
     check_split(data, train_idx, val_idx, cfg.fold, every_class=True)
     sampler = ClassBalancedSampler(data.labels, train_idx, cfg.balance_power, seed=cfg.seed,
                                    rank=env.rank, world_size=env.world_size)
@@ -140,7 +139,7 @@ def make_loss(cfg: TeacherConfig, data, teacher, features, device):
     def cached(net, idx, gen):  # a random cached view of each image: (B, C', h, w) features
         k = torch.randint(0, cfg.views, (len(idx),), generator=gen)
         logits = net(features[idx, k].float().to(device))
-        return {"loss": F.cross_entropy(logits, data.labels[idx].to(device), label_smoothing=cfg.label_smoothing)}
+        return {"loss": label_smoothing_ce(logits, data.labels[idx].to(device), cfg.label_smoothing)}
 
     def online(net, idx, gen):
         y = data.labels[idx].to(device)
@@ -150,8 +149,8 @@ def make_loss(cfg: TeacherConfig, data, teacher, features, device):
         x = teacher.prepare(x.to(device))
         if cfg.mixup > 0 or cfg.cutmix > 0:
             x, target = mixup_cutmix(x, y, len(data.classes), cfg.mixup, cfg.cutmix, gen)
-            return {"loss": torch.sum(-target * F.log_softmax(net(x), 1), 1).mean()}
-        return {"loss": F.cross_entropy(net(x), y, label_smoothing=cfg.label_smoothing)}
+            return {"loss": soft_cross_entropy(net(x), target)}
+        return {"loss": label_smoothing_ce(net(x), y, cfg.label_smoothing)}
 
     return cached if features is not None else online
 

@@ -27,7 +27,8 @@ from helpers_distill import (ROOT, TINY_SIZE, TINY_TEACHER, distill_argv, make_c
                              subprocess_env, write_arch)
 from toolkit import evaluate
 from toolkit.cli import run_main
-from toolkit.data import load_course_folder, stratified_folds
+from toolkit.data import load_course_folder
+from toolkit.splits import stratified_folds
 from toolkit.engine import CHECKPOINT
 
 MAINS = {"distill.py": distill.main, "train_teacher.py": train_teacher.main, "pipeline.py": pipeline.main,

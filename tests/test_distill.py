@@ -26,7 +26,8 @@ import toolkit.ensemble
 from helpers_distill import (CLASSES, ROOT, build_tiny_teacher, distill_argv, file_bytes, read_state, student_state, subprocess_env, tiny_world, tmp_files, train_tiny_teacher,
                              write_arch)
 from toolkit.augment import apply_views, sample_view_params
-from toolkit.data import DataError, load_course_folder, stratified_folds
+from toolkit.data import DataError, load_course_folder
+from toolkit.splits import stratified_folds
 from toolkit.student import ContractError, check_state_dict_matches, load_student
 from toolkit.backbones import TeacherError
 from toolkit.ensemble import Ensemble, combine_view_targets, oof_teacher_mask, teacher_saw, teacher_view_logits

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import train_teacher
-from toolkit.data import ClassBalancedSampler, decode_image, load_course_folder, stratified_folds
+from toolkit.data import decode_image, load_course_folder
+from toolkit.splits import ClassBalancedSampler, stratified_folds
 from toolkit.engine import epoch_index_batches
 from toolkit.backbones import (OFFLINE_MEAN_STD, TeacherError, create_backbone, map_state_dict_by_order,
                                offline_weights_path)

@@ -1,8 +1,8 @@
 """Ensemble-and-distillation toolkit for small-image classification (PyTorch + timm)."""
 from .augment import apply_views, batch_flip_lr, mixup_cutmix, sample_view_params, trivial_augment
-from .data import (ClassBalancedSampler, CourseData, DataError, decode_image, fit_to_square,
-                   load_course_folder, load_image_files, rgb_to_server_grey, stratified_folds,
-                   stratified_split)
+from .data import (CourseData, DataError, decode_image, fit_to_square, load_course_folder, load_image_files,
+                   rgb_to_server_grey)
+from .splits import ClassBalancedSampler, stratified_folds, stratified_split
 from .engine import NonFiniteLossError, Trainer, warmup_cosine
 from .io import atomic_save, atomic_write_json, atomic_write_text
 from .losses import dist_loss, kd_loss, lskd_loss, soft_cross_entropy

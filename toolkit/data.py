@@ -1,4 +1,4 @@
-"""Course folders: reading, the server's preprocessing, the uint8 cache, splits and sampling.
+"""Course folders: reading, the server's preprocessing, the uint8 cache (splits: toolkit.splits).
 
 A course folder holds numbered JPEGs and ``labels.csv`` (header ``name;label``, one
 ``file;classname`` row per image). Class ids are the sorted class names.
@@ -16,9 +16,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-import random
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +57,7 @@ def _luminance(lin, axis: int):
 
 
 # sRGB -> linear only ever sees 256 values: a float64 look-up table computed by the same
-# formula gives bit-identical results and is ~10x faster than evaluating pow per pixel.
+# formula gives bit-identical results, and is much faster than evaluating pow per pixel.
 _LINEAR_LUT = _srgb_to_linear(np.arange(256, dtype=np.float64) / 255.0)
 
 
@@ -289,7 +288,7 @@ def list_images(folder: Path) -> list[str]:
 def folder_fingerprint(folder: Path, names: list[str]) -> str:
     """Hash of labels.csv plus every image's name and bytes: changes when the data does, and
     only then (a copy of the folder, or the same files with new mtimes, keep their caches and
-    the trunk features keyed by it). Hashing 60 MB of JPEGs takes well under a second."""
+    the trunk features keyed by it)."""
     folder = Path(folder)
     h = hashlib.blake2b(f"v{CACHE_VERSION}".encode(), digest_size=16)
     h.update((folder / "labels.csv").read_bytes() if (folder / "labels.csv").is_file() else b"")
@@ -317,13 +316,9 @@ class CourseData:
     classes: list[str]            # id -> class name, sorted
     fingerprint: str
     folder: str = ""
-    meta: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.names)
-
-    def class_counts(self) -> torch.Tensor:
-        return torch.bincount(self.labels[self.labels >= 0], minlength=len(self.classes))
 
 
 def decode_paths(paths: list[Path], progress: bool = True, desc: str = "decode"
@@ -415,76 +410,3 @@ def load_image_files(paths: list[str | Path], progress: bool = True) -> CourseDa
     return CourseData(names=[p.name for p in paths], grey=grey, rgb=rgb,
                       labels=torch.full((len(paths),), -1, dtype=torch.int64), classes=[],
                       fingerprint="", folder="")
-
-
-# ----------------------------------------------------------------------------------------
-# Splits and sampling
-# ----------------------------------------------------------------------------------------
-def stratified_folds(labels: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
-    """Assign each sample a fold id in [0, k), stratified by class and deterministic in seed.
-
-    Within each class the samples are shuffled and dealt round-robin from a random starting
-    fold, so every fold gets floor or ceil of n_c / k of each class; classes with fewer
-    than k images simply leave some folds without them (no crash).
-    """
-    if k < 2:
-        raise ValueError(f"k-fold needs k >= 2, got {k}")
-    rng = random.Random(seed)
-    folds = torch.empty(len(labels), dtype=torch.int64)
-    offset = 0
-    for c in sorted(set(labels.tolist())):
-        idx = [i for i, y in enumerate(labels.tolist()) if y == c]
-        rng.shuffle(idx)
-        for j, i in enumerate(idx):
-            folds[i] = (offset + j) % k
-        offset += len(idx)  # spread classes' remainders over different folds
-    return folds
-
-
-def stratified_split(labels: torch.Tensor, val_fraction: float = 0.2, seed: int = 0
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Deterministic stratified (train_idx, val_idx): fold 0 of round(1/val_fraction) folds,
-    so the val split is always one fold of the k-fold with the same seed."""
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    folds = stratified_folds(labels, max(2, round(1 / val_fraction)), seed)
-    return (folds != 0).nonzero().flatten(), (folds == 0).nonzero().flatten()
-
-
-def class_balanced_weights(labels: torch.Tensor, power: float = 0.0) -> torch.Tensor:
-    """Per-sample weights so that class c is drawn with probability proportional to n_c**power.
-
-    power=0: every class equally often; power=1: natural frequencies; 0.5: square-root."""
-    counts = torch.bincount(labels).double()
-    per_class = counts.clamp(min=1) ** (power - 1.0)
-    return per_class[labels]
-
-
-class ClassBalancedSampler(torch.utils.data.Sampler):
-    """Draws ``num_samples`` indices per epoch with class probabilities proportional to
-    n_c**power (with replacement), identically on every rank, each rank keeping its slice.
-
-    ``indices`` restricts sampling to a subset (e.g. the train split); set_epoch() reseeds,
-    so a resumed run sees the same sequence as an uninterrupted one.
-    """
-
-    def __init__(self, labels: torch.Tensor, indices: torch.Tensor | None = None,
-                 power: float = 0.0, num_samples: int | None = None, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
-        self.indices = torch.arange(len(labels)) if indices is None else torch.as_tensor(indices)
-        self.weights = class_balanced_weights(labels[self.indices], power)
-        total = num_samples if num_samples is not None else len(self.indices)
-        self.per_rank = total // world_size
-        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.per_rank
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        drawn = torch.multinomial(self.weights, self.per_rank * self.world_size, True, generator=g)
-        mine = drawn[self.rank::self.world_size]
-        return iter(self.indices[mine].tolist())

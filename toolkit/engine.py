@@ -19,13 +19,14 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
@@ -132,18 +133,6 @@ def run_info(seed: int, fingerprint: str) -> dict:
 # ----------------------------------------------------------------------------------------
 # Optimisation
 # ----------------------------------------------------------------------------------------
-def make_optimizer(params: Iterable, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]  # biases and norm scales: no weight decay
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
-    raise ValueError(f"unknown optimizer {name!r} (adamw or sgd)")
-
-
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
                   final_fraction: float = 0.01) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up to the base lr, then cosine decay to final_fraction of it."""
@@ -157,12 +146,15 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
 
 def make_trainer(model: nn.Module, cfg, out_dir: str | Path, sampler, env: DistEnv, device: torch.device,
                  desc: str, fingerprint: str | None = None) -> "Trainer":
-    """The two scripts' shared set-up: the optimizer at ``cfg.lr`` per 256 images, warm-up
+    """The two scripts' shared set-up: the optimizer (timm's ``cfg.optimizer``, e.g. adamw or
+    sgd = Nesterov momentum 0.9) at ``cfg.lr`` per 256 images, warm-up
     (``cfg.warmup_epochs``) + cosine over ``cfg.epochs`` epochs of ``sampler``'s batches, the
     Trainer with EMA and checkpoints, resumed from ``out_dir`` with ``cfg.resume`` (which must
     then hold a checkpoint of this run: the data ``fingerprint``, ``cfg`` and the model)."""
     steps_per_epoch = len(epoch_index_batches(sampler, 0, cfg.batch_size))
-    optimizer = make_optimizer(model.parameters(), cfg.optimizer, cfg.lr * cfg.batch_size / 256, cfg.weight_decay)
+    # timm's factory: no weight decay on biases and norm parameters (1-d), frozen ones left out
+    optimizer = create_optimizer_v2(model, cfg.optimizer, lr=cfg.lr * cfg.batch_size / 256,
+                                    weight_decay=cfg.weight_decay)
     scheduler = warmup_cosine(optimizer, cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch))
     trainer = Trainer(model, optimizer, scheduler, out_dir, cfg.epochs, cfg.seed, env, device, cfg.ema_decay,
                       cfg.checkpoint_every, amp=cfg.amp, desc=desc,

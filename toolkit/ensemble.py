@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from .augment import apply_views, sample_view_params
 from .backbones import TeacherError
-from .data import stratified_folds
+from .splits import stratified_folds
 from .teachers import TEACHER_FILE, Teacher, find_teacher_folders, load_teacher, predict_logits
 from .trunk import TrunkSplit, stored_trunk_features, trunk_cache_path
 
@@ -70,10 +70,12 @@ class Ensemble(nn.Module):
 
 def load_ensemble(folders: list[str | Path] | None = None, root: str | Path = "teachers",
                   device: str | torch.device = "cpu", **kwargs) -> Ensemble:
+    """The ensemble of ``folders`` (default: every teacher folder under ``root``); ``kwargs``
+    go to Ensemble (combine, weights, temperature)."""
     folders = list(folders) if folders else find_teacher_folders(root)
     if not folders:
-        raise TeacherError(f"{root}: no teacher folders (each needs a {TEACHER_FILE}); "
-                           "train one with train_teacher.py")
+        raise TeacherError(f"{root}: no teachers found (no folder with a {TEACHER_FILE}; train some with "
+                           "train_teacher.py, or pass --teachers DIR ...)")
     return Ensemble([load_teacher(f, device) for f in folders], **kwargs)
 
 

@@ -23,23 +23,15 @@ from pathlib import Path
 
 import torch
 
+from .backbones import TeacherError
 from .data import DataError, load_course_folder, load_image_files, load_server_batch
+from .ensemble import load_ensemble, members_identity_logits
 from .export import PARITY_TOLERANCE, export_student
 from .files import expand_images, load_indices, sha256_file
 from .io import atomic_write_json, atomic_write_text, ensure_writable_dir, output_problem
-from .backbones import TeacherError
-from .ensemble import Ensemble, members_identity_logits
 from .metrics import model_cost
 from .student import ContractError, check_output, load_student_checked, student_classes, student_log_probs
-from .teachers import find_teacher_folders, load_teacher, predict_logits
-
-
-def load_teachers(folders) -> tuple[list, Ensemble]:
-    folders = [Path(f) for f in folders] if folders else find_teacher_folders("teachers")
-    if not folders:
-        raise TeacherError("teachers: no teacher folders (each needs a teacher.pth); pass --teachers DIR ...")
-    teachers = [load_teacher(f) for f in folders]
-    return teachers, Ensemble(teachers)
+from .teachers import predict_logits
 
 
 
@@ -58,7 +50,8 @@ def cmd_report(args) -> None:
     timings = {}
     t_all = t0 = time.perf_counter()
     ensure_writable_dir(args.out)  # fail now, not after the predictions
-    teachers, ensemble = load_teachers(args.teachers)
+    ensemble = load_ensemble(args.teachers)
+    teachers = list(ensemble.teachers)
     classes, classes_source = student_classes(args.weights)
     if ensemble.classes != classes:
         raise TeacherError(f"{teachers[0].folder}: teacher classes {ensemble.classes} differ from the "
@@ -150,7 +143,7 @@ def cmd_predict(args) -> None:
         data = load_image_files(paths, progress=False)
         log_probs = student_log_probs(model, data.grey, len(classes), args.batch_size, arch)
     else:
-        _, ensemble = load_teachers(args.teachers)
+        ensemble = load_ensemble(args.teachers)
         classes = ensemble.classes
         data = load_image_files(paths, progress=False)
         log_probs = predict_logits(ensemble, data.rgb, args.batch_size).log_softmax(1)

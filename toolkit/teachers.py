@@ -42,7 +42,7 @@ class Teacher(nn.Module):
 
     def __init__(self, backbone: nn.Module, model_name: str, classes: list[str], spec: InputSpec):
         super().__init__()
-        # channels_last: 2.3x faster convolutions on this CPU (oneDNN), and the usual GPU layout.
+        # channels_last: oneDNN's fast convolution layout on CPUs (README), and the usual GPU layout.
         self.backbone = backbone.to(memory_format=torch.channels_last)
         self.model_name, self.classes, self.spec = model_name, list(classes), spec
         c = spec.channels

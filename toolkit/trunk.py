@@ -129,7 +129,7 @@ def compute_trunk_features(teacher, split: TrunkSplit, images_u8: torch.Tensor,
 
 @functools.lru_cache(maxsize=1)
 def load_trunk_file(path: Path, mtime_ns: int) -> dict:
-    """Teachers of one recipe share one trunk file (~1 GB): read it once per process."""
+    """Teachers of one recipe share one (large) trunk file: read it once per process."""
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
