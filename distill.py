@@ -56,7 +56,10 @@ class DistillConfig:
     combine: str = option("mean_probs", "how the ensemble combines its members",
                           choices=("mean_probs", "mean_logits"))
     teacher_weights: list[float] = option([], "one weight per teacher (default: equal)", min=0)
-    calibrate: bool = option(False, "fit the ensemble's temperature on the val fold")
+    ensemble_weights: str = option("equal", "teacher weights: equal, fit (NLL-optimal recipe weights) or greedy "
+                                   "(Caruana 2004), fitted on the training images' out-of-fold predictions",
+                                   choices=("equal", "fit", "greedy"))
+    calibrate: bool = option(False, "fit the ensemble's temperature on those out-of-fold predictions")
     mode: str = option("cached", "cached: stored ensemble targets on fixed views; online: teachers run on "
                        "each batch", choices=("cached", "online"))
     views: int = option(8, "cached views per image (0: identity, 1: mirror, rest shifted)", min=1)
@@ -128,7 +131,8 @@ def main(argv=None) -> dict:
     targets, ens_metrics, teacher_records = None, {}, []
     if ensemble is not None and cfg.mode == "cached":
         targets, ens_metrics, teacher_records = view_soft_targets(
-            ensemble, data, view_params, folds, train_idx, val_idx, cfg.oof, cfg.calibrate, device)
+            ensemble, data, view_params, folds, train_idx, val_idx, cfg.oof, cfg.calibrate, device,
+            cfg.ensemble_weights)
         if env.is_main:
             print(f"soft targets {tuple(targets.shape)}: {ens_metrics}", flush=True)
     elif ensemble is not None:  # online: the same record, the ensemble scored on val

@@ -26,8 +26,8 @@ import yaml
 import distill
 import train_teacher
 from toolkit.cli import run_main
-from toolkit.config import check_timm_model, option, parse_config
-from toolkit.data import load_course_folder
+from toolkit.config import ConfigError, option, parse_config
+from toolkit.data import DataError, load_course_folder
 from toolkit.io import atomic_write_json, atomic_write_text
 
 
@@ -38,19 +38,35 @@ class PipelineConfig:
                        path="in_dir")
     teachers_root: str = option("teachers", "where the fold teachers are written (and reused from)",
                                 path="out_dir")
-    teacher_model: str = option("efficientnet_lite0", "timm backbone of the teachers", check=check_timm_model)
+    # Each recipe is trained as `folds` fold teachers (teachers_root/<name>_f<fold>); the ensemble
+    # is every fold teacher of every recipe.
+    teacher_recipes: list[str] = option(["efficientnet_lite0@160"], "teacher recipes MODEL@SIZE[:flag=value,...] "
+                                        "with flags of train_teacher.py, e.g. efficientnet_lite2@260:epochs=8")
     pretrained: str = option("offline", "teachers' start weights", choices=("hub", "offline", "none"),
                              or_file=True)
-    teacher_epochs: int = option(6, "epochs per fold teacher", min=1)
-    folds: int = option(5, "fold teachers (k of the k-fold split)", min=2)
+    teacher_epochs: int = option(6, "epochs per fold teacher, unless a recipe sets its own", min=1)
+    folds: int = option(5, "fold teachers per recipe (k of the k-fold split)", min=2)
     views: int = option(8, "cached views per image", min=1)
     student_epochs: int = option(10, "student epochs", min=1)
     seed: int = option(0, "seed of the split, teachers, student and views", min=0)
     out: str = option("model.pth", "the student's state_dict (replaced only by a finished run)", path="out_file")
-    work_dir: str = option("runs/pipeline", "distillation work folder, timings.json", path="out_dir")
+    work_dir: str = option("runs/pipeline", "distillation work folder, timings.json, config.yaml", path="out_dir")
     report_dir: str = option("reports/pipeline", "evaluation report folder", path="out_dir")
     reuse_teachers: bool = option(True, "keep fold teachers that already exist under teachers_root")
     report: bool = option(True, "write the evaluation report at the end")
+
+    def check(self):
+        """Every recipe parses and its flags pass train_teacher.py's checks, before any teacher trains."""
+        if not self.teacher_recipes:
+            return "teacher_recipes", "no recipe given"
+        for recipe in self.teacher_recipes:
+            try:
+                _, flags = parse_recipe(recipe)
+                parse_config(train_teacher.TeacherConfig, ["--data", self.data, "--out", self.teachers_root,
+                                                           "--pretrained", self.pretrained, *flags])
+            except (DataError, ConfigError) as err:
+                return "teacher_recipes", f"{recipe!r}: {err}"
+        return None
 
 
 def main(argv=None) -> dict:
@@ -66,16 +82,18 @@ def main(argv=None) -> dict:
         print(f"=== {name}: {timings[name]:.0f} s", flush=True)
         return result
 
+    recipes = [parse_recipe(r) for r in cfg.teacher_recipes]  # a malformed recipe fails before any work
     stage("decode data (cached)", lambda: load_course_folder(cfg.data))
-    for fold in range(cfg.folds):
-        folder = Path(cfg.teachers_root) / f"{cfg.teacher_model.replace('efficientnet_', '')}_f{fold}"
-        if cfg.reuse_teachers and (folder / "teacher.pth").is_file():
-            print(f"reusing teacher {folder}", flush=True)
-            continue
-        stage(f"teacher fold {fold}", lambda: train_teacher.main([
-            "--data", cfg.data, "--model", cfg.teacher_model, "--pretrained", cfg.pretrained,
-            "--epochs", str(cfg.teacher_epochs), "--views", str(cfg.views), "--folds", str(cfg.folds),
-            "--fold", str(fold), "--seed", str(cfg.seed), "--out", str(folder)]))
+    for name, flags in recipes:
+        for fold in range(cfg.folds):
+            folder = Path(cfg.teachers_root) / f"{name}_f{fold}"
+            if cfg.reuse_teachers and (folder / "teacher.pth").is_file():
+                print(f"reusing teacher {folder}", flush=True)
+                continue
+            stage(f"teacher {name} fold {fold}", lambda: train_teacher.main([
+                "--data", cfg.data, "--pretrained", cfg.pretrained, "--epochs", str(cfg.teacher_epochs),
+                "--views", str(cfg.views), "--folds", str(cfg.folds), "--fold", str(fold),
+                "--seed", str(cfg.seed), "--out", str(folder), *flags]))
     stage("distil student", lambda: distill.main([
         "--data", cfg.data, "--teachers-root", cfg.teachers_root, "--views", str(cfg.views),
         "--folds", str(cfg.folds), "--val-fold", "-1", "--epochs", str(cfg.student_epochs),
@@ -98,6 +116,22 @@ def main(argv=None) -> dict:
     for name, seconds in timings.items():
         print(f"{name:<30} {seconds:>7.0f}")
     return timings
+
+
+def parse_recipe(recipe: str) -> tuple[str, list[str]]:
+    """'efficientnet_lite2@260:epochs=8,frozen_stages=5' -> ('lite2_260px', [train_teacher flags]);
+    later flags win, so a recipe's own epochs override --teacher-epochs."""
+    head, _, extra = recipe.partition(":")
+    model, _, size = head.partition("@")
+    if not model or not size.isdigit():
+        raise DataError(f"--teacher-recipes {recipe!r}: expected MODEL@SIZE[:flag=value,...]")
+    flags = ["--model", model, "--input-size", size]
+    for item in filter(None, extra.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise DataError(f"--teacher-recipes {recipe!r}: {item!r} is not flag=value")
+        flags += ["--" + key.strip().replace("_", "-"), value.strip()]
+    return f"{model.replace('efficientnet_', '')}_{size}px", flags
 
 
 if __name__ == "__main__":

@@ -113,7 +113,7 @@ def t_argv(c, *extra, data=None):
 
 def p_argv(c, *extra):
     return ["--data", c.data, "--teachers-root", c.troot, "--out", c.out, "--work-dir", c.work,
-            "--report-dir", c.tmp / "report", "--pretrained", "none", "--teacher-model", TINY_TEACHER, *extra]
+            "--report-dir", c.tmp / "report", "--pretrained", "none", "--teacher-recipes", f"{TINY_TEACHER}@{TINY_SIZE}", *extra]
 
 
 def write(c, name, text):
@@ -169,7 +169,10 @@ def test_train_teacher_bad_flag(capsys, case, flags, culprit):
 
 PIPELINE_FLAGS = [
     (["--teacher-epochs", "0"], "--teacher-epochs"), (["--folds", "1"], "--folds"), (["--views", "0"], "--views"),
-    (["--pretrained", "x"], "--pretrained"), (["--teacher-model", "nope"], "--teacher-model"),
+    (["--pretrained", "x"], "--pretrained"), (["--teacher-recipes", "nope@160"], "--teacher-recipes"),
+    (["--teacher-recipes", "efficientnet_lite0@abc"], "--teacher-recipes"),
+    (["--teacher-recipes", "efficientnet_lite0@160:epochs=0"], "--teacher-recipes"),
+    (["--teacher-recipes", "efficientnet_lite0@160:input_mode=gray"], "--teacher-recipes"),
     (["--student-epochs", "-1"], "--student-epochs"),
 ]
 

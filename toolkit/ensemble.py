@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from .augment import apply_views, sample_view_params
 from .backbones import TeacherError
+from .ensemble_fit import fit_weights, greedy_selection, recipe_groups, recipe_oof_log_probs, recipe_weight_matrix
 from .splits import stratified_folds
 from .teachers import TEACHER_FILE, Teacher, find_teacher_folders, load_teacher, predict_logits
 from .trunk import TrunkSplit, stored_trunk_features, trunk_cache_path
@@ -90,7 +91,7 @@ def fit_temperature(log_probs: torch.Tensor, labels: torch.Tensor, steps: int = 
         loss.backward()
         return loss
     opt.step(closure)
-    return float(log_t.exp())
+    return float(log_t.detach().exp())
 
 
 @torch.no_grad()
@@ -155,13 +156,13 @@ def combine_view_targets(member_logits: torch.Tensor, weights: torch.Tensor,
     """Soft targets: (M, N, K, C) member logits -> (N, K, C) ensemble probabilities.
 
     Per image, the ensemble (as ``Ensemble`` combines, at temperature 1) of the teachers that
-    ``mask`` (M, N) bool allows to label it (None: all), their ``weights`` (M,) renormalised
-    over those teachers; the others get zero weight.
+    ``mask`` (M, N) bool allows to label it (None: all), their ``weights`` (M,), or per image
+    (M, N), renormalised over those teachers; the others get zero weight.
     """
     m, n = member_logits.shape[:2]
     if mask is None:
         mask = torch.ones(m, n, dtype=torch.bool)
-    w = weights.float().view(-1, 1) * mask                                         # (M, N)
+    w = (weights.float() if weights.dim() == 2 else weights.float().view(-1, 1)) * mask                                        # (M, N)
     w = w / w.sum(0, keepdim=True)
     if combine == "mean_logits":
         return (member_logits * w[..., None, None]).sum(0).softmax(-1)
@@ -251,15 +252,19 @@ def teacher_records(teachers: list[Teacher], val_logits: torch.Tensor, val_label
 
 def view_soft_targets(ensemble: Ensemble, data, view_params: torch.Tensor, folds: torch.Tensor,
                       train_idx: torch.Tensor, val_idx: torch.Tensor, oof: bool = True,
-                      calibrate: bool = False, device: str | torch.device = "cpu"
-                      ) -> tuple[torch.Tensor, dict, list[dict]]:
+                      calibrate: bool = False, device: str | torch.device = "cpu",
+                      weighting: str = "equal") -> tuple[torch.Tensor, dict, list[dict]]:
     """Cached distillation's targets: the ensemble on K fixed views of every image.
 
     data: CourseData; view_params: (N, K, 3) -> ((N, K, C) float16 probabilities, metrics,
     teacher records). With ``oof``, each image is labelled by the teachers that never trained
-    on it (``oof_teacher_mask``); with ``calibrate``, the ensemble's temperature is fitted on
-    the val fold and applied to the targets.
+    on it (``oof_teacher_mask``). ``weighting`` 'fit' or 'greedy' weighs the teachers' recipes
+    (ensemble_fit.fit_weights / greedy_selection) and ``calibrate`` fits the ensemble's
+    temperature, both on the out-of-fold predictions of the *training* images only: the val
+    fold is never used to fit anything, so its accuracy stays an honest estimate.
     """
+    if weighting not in ("equal", "fit", "greedy"):
+        raise TeacherError(f"ensemble weighting must be equal, fit or greedy, got {weighting!r}")
     t0 = time.time()
     teachers, labels = list(ensemble.teachers), data.labels
     mask = oof_teacher_mask(teachers, folds, labels) if oof else torch.ones(len(teachers), len(data), dtype=torch.bool)
@@ -270,16 +275,34 @@ def view_soft_targets(ensemble: Ensemble, data, view_params: torch.Tensor, folds
     member_logits = torch.stack([teacher_view_logits(t, data.rgb, view_params, data.fingerprint, device=device,
                                                      images=needed[m].nonzero().flatten())
                                  for m, t in enumerate(teachers)])                      # (M, N, K, C)
+    # Images some teacher never saw: their identity-view predictions are out-of-fold, the only
+    # ones weights and temperature may be fitted on.
+    fit_rows = train_idx[(~mask.all(0))[train_idx]]
+    weights, metrics = ensemble.weights, {}
+    if weighting != "equal":
+        groups = recipe_groups(teachers)
+        oof_lp, covered = recipe_oof_log_probs(member_logits[:, fit_rows, 0], mask[:, fit_rows], groups)
+        rows = covered.nonzero().flatten()
+        if not len(rows):
+            raise TeacherError(f"--ensemble-weights {weighting}: no training image has an out-of-fold "
+                               "prediction from every recipe (are these fold teachers?)")
+        fit = fit_weights if weighting == "fit" else greedy_selection
+        recipe_w = fit(oof_lp[:, rows], labels[fit_rows][rows])
+        weights = recipe_weight_matrix(groups, recipe_w, mask)                                # (M, N)
+        metrics["recipe_weights"] = {k: round(float(w), 4) for k, w in zip(groups, recipe_w)}
     # Per image, the ensemble of the teachers allowed to label it: zero weight elsewhere.
-    targets = combine_view_targets(member_logits, ensemble.weights, mask, ensemble.combine)  # (N, K, C)
-    if calibrate and len(val_idx):
-        ensemble.temperature = fit_temperature(ensemble.combine_logits(member_logits[:, val_idx, 0]), labels[val_idx])
-        targets = (targets.log() / ensemble.temperature).softmax(-1)
+    targets = combine_view_targets(member_logits, weights, mask, ensemble.combine)            # (N, K, C)
+    if calibrate and len(fit_rows):
+        ensemble.temperature = fit_temperature(targets[fit_rows, 0].clamp(min=1e-30).log(), labels[fit_rows])
+        targets = (targets.clamp(min=1e-30).log() / ensemble.temperature).softmax(-1)
+        metrics["temperature"] = round(ensemble.temperature, 4)
     targets = targets.half()
-    metrics = {"ensemble_val_acc": _accuracy(ensemble.combine_logits(member_logits[:, val_idx, 0]), labels[val_idx]),
-               "target_train_acc": _accuracy(targets[train_idx, 0], labels[train_idx]),
-               "oof_fraction": float((~mask.all(0))[train_idx].float().mean()),
-               "target_seconds": round(time.time() - t0, 1)}
+    val_lp = targets[val_idx, 0].float().clamp(min=1e-30).log()
+    metrics.update({"ensemble_val_acc": _accuracy(val_lp, labels[val_idx]),
+                    "ensemble_val_nll": F.nll_loss(val_lp, labels[val_idx]).item() if len(val_idx) else None,
+                    "target_train_acc": _accuracy(targets[train_idx, 0], labels[train_idx]),
+                    "oof_fraction": float((~mask.all(0))[train_idx].float().mean()),
+                    "target_seconds": round(time.time() - t0, 1)})
     return targets, metrics, teacher_records(teachers, member_logits[:, val_idx, 0], labels[val_idx])
 
 

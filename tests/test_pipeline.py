@@ -1,0 +1,52 @@
+"""The pipeline's orchestration: recipes -> fold teachers -> distillation (stages stubbed)."""
+from __future__ import annotations
+
+import pytest
+
+import pipeline
+from toolkit.data import DataError
+
+
+def test_parse_recipe_gives_folder_name_and_teacher_flags():
+    name, flags = pipeline.parse_recipe("efficientnet_lite2@260:epochs=8,frozen_stages=4")
+    assert name == "lite2_260px"
+    assert flags == ["--model", "efficientnet_lite2", "--input-size", "260", "--epochs", "8",
+                     "--frozen-stages", "4"]
+    assert pipeline.parse_recipe("resnet50@224") == ("resnet50_224px", ["--model", "resnet50", "--input-size", "224"])
+
+
+@pytest.mark.parametrize("bad", ["efficientnet_lite0", "efficientnet_lite0@", "@224", "lite0@big",
+                                 "efficientnet_lite0@224:epochs", "efficientnet_lite0@224:=3"])
+def test_parse_recipe_refuses_malformed(bad):
+    with pytest.raises(DataError, match="--teacher-recipes"):
+        pipeline.parse_recipe(bad)
+
+
+def test_pipeline_trains_every_fold_of_every_recipe_then_distils(tmp_path, monkeypatch, make_course):
+    calls = []
+    monkeypatch.setattr(pipeline.train_teacher, "main", lambda argv: calls.append(("teacher", argv)) or {})
+    monkeypatch.setattr(pipeline.distill, "main", lambda argv: calls.append(("distill", argv)) or {})
+    root = tmp_path / "teachers"
+    (root / "lite0_160px_f1").mkdir(parents=True)
+    (root / "lite0_160px_f1" / "teacher.pth").write_bytes(b"x")  # reused, not retrained
+    pipeline.main(["--data", str(make_course()), "--teachers-root", str(root), "--folds", "2", "--no-report",
+                   "--teacher-recipes", "efficientnet_lite0@160", "efficientnet_lite2@260:epochs=9",
+                   "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "model.pth")])
+    teachers = [argv for kind, argv in calls if kind == "teacher"]
+    outs = [argv[argv.index("--out") + 1] for argv in teachers]
+    assert outs == [str(root / "lite0_160px_f0"), str(root / "lite2_260px_f0"), str(root / "lite2_260px_f1")]
+    lite2 = teachers[1]
+    # the recipe's own flags come last, so they win over the pipeline's --epochs
+    assert lite2[lite2.index("--model") + 1] == "efficientnet_lite2"
+    assert lite2[len(lite2) - 1 - lite2[::-1].index("--epochs") + 1] == "9"
+    assert calls[-1][0] == "distill"
+
+
+def test_pipeline_refuses_a_bad_recipe_before_any_work(tmp_path, monkeypatch, make_course):
+    calls = []
+    monkeypatch.setattr(pipeline.train_teacher, "main", lambda argv: calls.append(argv))
+    monkeypatch.setattr(pipeline, "load_course_folder", lambda *a, **k: calls.append("decode"))
+    with pytest.raises(DataError, match="lite2@x"):
+        pipeline.main(["--data", str(make_course()), "--teachers-root", str(tmp_path),
+                       "--teacher-recipes", "efficientnet_lite0@160", "efficientnet_lite2@x"])
+    assert calls == []
