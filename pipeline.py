@@ -29,6 +29,7 @@ from toolkit.cli import run_main
 from toolkit.config import ConfigError, option, parse_config
 from toolkit.data import DataError, load_course_folder
 from toolkit.io import atomic_write_json, atomic_write_text
+from toolkit.runlog import setup_logging
 
 
 @dataclass
@@ -71,6 +72,7 @@ class PipelineConfig:
 
 def main(argv=None) -> dict:
     cfg = parse_config(PipelineConfig, argv)
+    setup_logging()
     work = Path(cfg.work_dir)
     timings: dict[str, float] = {}
 
@@ -101,13 +103,16 @@ def main(argv=None) -> dict:
         "--work-dir", str(work / "distill")]))
     if cfg.report:
         from toolkit import evaluate
+        from toolkit.estimates import find_heldout
         from toolkit.teachers import find_teacher_folders
-        # In-sample for the shipped student (it trained on every image): scripts/heldout_estimate.sh
-        # gives the honest held-out figures.
+        # The report leads with the fold teachers' and the ensemble's out-of-fold accuracies and
+        # any nested held-out student estimate scripts/heldout_estimate.sh left under runs/; the
+        # shipped student trained on every image, so its own scores there are in-sample.
         teacher_dirs = [str(p) for p in find_teacher_folders(cfg.teachers_root)]
+        heldout = [str(p) for p in find_heldout("runs")]
         stage("evaluation report", lambda: evaluate.main([
             "report", "--data", cfg.data, "--weights", cfg.out, "--out", cfg.report_dir,
-            "--teachers", *teacher_dirs]))
+            "--teachers", *teacher_dirs, *(["--heldout", *heldout] if heldout else [])]))
 
     timings["total"] = round(sum(timings.values()), 1)
     atomic_write_json({"config": asdict(cfg), "seconds": timings}, work / "timings.json")

@@ -394,3 +394,63 @@ def test_other_bad_inputs(folder, weights, teacher_dir, tmp_path):
         main(["report", "--data", str(folder), "--arch", str(ARCH), "--weights", str(weights),
               "--teachers", str(tmp_path / "no_teacher"), "--out", str(tmp_path / "r")])
     assert "no_teacher" in error_line(e)
+
+
+def test_report_leads_with_out_of_fold_and_held_out_figures(folder, weights, tmp_path):
+    """Two fold teachers (2-fold split): each is scored on its own val fold only, the ensemble on
+    every image by the teacher that did not train on it, the student on the fold its provenance
+    held out; all of these lead report.md, in-sample scores after them."""
+    from toolkit.data import load_course_folder
+    from toolkit.splits import stratified_folds
+    from toolkit.teachers import build_teacher, predict_logits, save_teacher
+    import timm
+    name = "test_efficientnet" if timm.is_model("test_efficientnet") else "resnet10t"
+    dirs = []
+    for fold in (0, 1):
+        torch.manual_seed(fold + 1)
+        t = build_teacher(name, CLASSES, "rgb", 64, pretrained="none")
+        dirs.append(save_teacher(tmp_path / f"t{fold}", t, config={"fold": fold, "folds": 2, "seed": 0},
+                                 metrics={}, pretrained="none").parent)
+    data = load_course_folder(folder, classes=CLASSES, progress=False)
+    folds = stratified_folds(data.labels, 2, 0)
+    from toolkit.teachers import load_teacher
+    correct = {f: (predict_logits(load_teacher(d), data.rgb).argmax(1) == data.labels)[folds == f]
+               for f, d in enumerate(dirs)}
+    w = tmp_path / "model.pth"
+    w.write_bytes(weights.read_bytes())
+    (tmp_path / "model.provenance.json").write_text(json.dumps(
+        {"classes": CLASSES, "val_fold": 1, "config": {"folds": 2, "seed": 0, "split_seed": -1},
+         "run": {"data_fingerprint": data.fingerprint}}))
+    nested = tmp_path / "nested.provenance.json"
+    nested.write_text(json.dumps({"val_fold": 0, "val_images": 1997, "recipe": "cached kd",
+                                  "student_val": {"val_acc": 0.8655, "val_nll": 0.495},
+                                  "ensemble": {"ensemble_val_acc": 0.871}, "config": {"seed": 2}}))
+    out = tmp_path / "r"
+    main(["report", "--data", str(folder), "--arch", str(ARCH), "--weights", str(w), "--teachers", *map(str, dirs),
+          "--out", str(out), "--latency-runs", "0", "--heldout", str(nested)])
+    m = json.loads((out / "metrics.json").read_text())
+    rows = {r["predictor"]: r for r in m["honest"]}
+    for f in (0, 1):
+        r = rows[f"teacher:t{f}"]
+        assert r["images"] == int((folds == f).sum()) and r["accuracy"] == pytest.approx(correct[f].float().mean().item())
+    ens = rows["ensemble"]
+    assert ens["images"] == 16
+    assert ens["accuracy"] * 16 == pytest.approx(sum(int(c.sum()) for c in correct.values()))
+    with open(out / "per_class.csv") as f:
+        assert next(csv.reader(f))[:2] == ["class", "n"]
+    student_rows = [r for r in m["honest"] if r["predictor"] == "student"]
+    assert len(student_rows) == 1 and student_rows[0]["images"] == int((folds == 1).sum())
+    assert rows["student (nested held-out)"]["accuracy"] == 0.8655 and "fold 0, seed 2" in rows["student (nested held-out)"]["what"]
+    assert m["seen_fraction"]["student"] == pytest.approx(float((folds != 1).float().mean()))
+    assert m["seen_fraction"]["ensemble"] == 1.0
+    text = (out / "report.md").read_text()
+    sections = re.findall(r"^## (.*)$", text, flags=re.M)
+    assert sections[0].startswith("Honest estimates") and sections[1].startswith("All evaluated images")
+    assert "0.8655" in text.split("## All evaluated")[0]
+
+    bad = tmp_path / "pipeline.provenance.json"
+    bad.write_text(json.dumps({"val_fold": -1, "student_val": {}, "config": {}}))
+    with pytest.raises(SystemExit) as e:
+        main(["report", "--data", str(folder), "--arch", str(ARCH), "--weights", str(w), "--teachers", str(dirs[0]),
+              "--out", str(tmp_path / "r2"), "--latency-runs", "0", "--heldout", str(bad)])
+    assert "not a held-out run" in error_line(e)

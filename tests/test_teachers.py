@@ -280,7 +280,8 @@ def trained(request, tiny_folder, cache_dir, tmp_path_factory):
 def test_teacher_folder_holds_everything(trained, tiny_folder):
     import yaml
     mode, out, metrics = trained
-    for name in ("teacher.pth", "config.yaml", "run_info.json", "log.json", "checkpoint.pth"):
+    for name in ("teacher.pth", "config.yaml", "run_info.json", "log.json", "checkpoint.pth", "summary.csv",
+                 "learning_curve.png"):
         assert (out / name).is_file(), name
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
     config = yaml.safe_load((out / "config.yaml").read_text())
@@ -433,7 +434,8 @@ def test_ddp_two_processes_on_cpu(tiny_folder, cache_dir, tmp_path):
 
     # rank 0 alone wrote the out folder: exactly these files, no temp files
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["checkpoint.pth", "config.yaml", "log.json", "run_info.json", "teacher.pth"])
+        ["checkpoint.pth", "config.yaml", "learning_curve.png", "log.json", "run_info.json", "summary.csv",
+         "teacher.pth"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["batches.rank0.json", "batches.rank1.json", "ddp",
                                                           "record_batches.py"]
     assert proc.stdout.count("teacher saved to") == 1

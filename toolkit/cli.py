@@ -38,6 +38,8 @@ def run_main(main: Callable, argv: list[str] | None = None, resume_hint: str = "
 
     ``resume_hint``: a flag to add to the command line to continue after Ctrl-C, or a
     sentence saying how to continue."""
+    from .runlog import setup_logging
+    setup_logging()  # the library's progress lines (per-epoch rows, cache notes) on stdout
     try:
         main(argv)
         from .engine import finish_distributed

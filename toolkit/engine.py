@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import platform
@@ -31,6 +32,9 @@ from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 from .io import atomic_save, atomic_write_json
+from .runlog import write_run_summary
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pth"
 
@@ -171,7 +175,7 @@ def val_metrics(predict: Callable[[torch.Tensor], torch.Tensor], val_idx: torch.
     if len(val_idx) == 0:
         return {}
     batches = [val_idx] if batch_size is None else val_idx.split(batch_size)
-    logits = torch.cat([predict(b).float().cpu() for b in batches])
+    logits = torch.cat([predict(b).float().cpu() for b in tqdm(batches, desc="validate", unit="batch", leave=False)])
     y = labels[val_idx]
     return {"val_acc": (logits.argmax(1) == y).float().mean().item(), "val_nll": F.cross_entropy(logits, y).item()}
 
@@ -287,15 +291,16 @@ class Trainer:
                     self.save_checkpoint()
             metrics = {f"train_{k}": v / max(self.epoch_count, 1) for k, v in self.epoch_sums.items()}
             metrics.update(evaluate(self.eval_model) if self.env.is_main else {})
-            metrics.update(epoch=self.epoch + 1, step=self.global_step, seconds=round(time.time() - t0, 1))
+            metrics.update(epoch=self.epoch + 1, step=self.global_step, lr=self.scheduler.get_last_lr()[0],
+                           seconds=round(time.time() - t0, 1))
             self.history.append(metrics)
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
             self.epoch_sums, self.epoch_count = {}, 0
             self.save_checkpoint()
             if self.env.is_main:
                 atomic_write_json(self.history, self.out_dir / "log.json")
-                print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                               for k, v in metrics.items()), flush=True)
+                write_run_summary(self.history, self.out_dir, curve=self.epoch == self.epochs)  # summary.csv, PNG
+                log.info(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
         self.check_earned()
         return self.history
 

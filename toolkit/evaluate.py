@@ -2,12 +2,14 @@
 
     python -m toolkit.evaluate report  --data FOLDER [--arch architecture.py] [--weights model.pth]
                                        [--teachers DIR ...] --out reports/NAME
-                                       [--indices-file held_out.pt|.json] [--batch-size 256]
+                                       [--indices-file held_out.pt|.json] [--heldout PROVENANCE ...]
     python -m toolkit.evaluate grader  --data FOLDER [--arch architecture.py] [--weights model.pth]
     python -m toolkit.evaluate predict --images FILE_OR_FOLDER [...] --out preds.csv
-                                       (--student ARCH WEIGHTS | --teachers [DIR ...])
+                                       [--student ARCH WEIGHTS | --teachers [DIR ...]]
+                                       (default: the shipped student, architecture.py + model.pth)
     python -m toolkit.evaluate export  [--arch architecture.py] [--weights model.pth] --out DIR
                                        [--images FILE_OR_FOLDER ...]
+    python -m toolkit.evaluate compare RUN [RUN ...] [--out table.csv|table.md]
 
 (also installed as the console script ``toolkit-evaluate``). Every bad input ends the
 command with one line ``error: <culprit>: <what is wrong>``.
@@ -18,6 +20,7 @@ import argparse
 import csv
 import datetime
 import io
+import logging
 import time
 from pathlib import Path
 
@@ -26,6 +29,7 @@ import torch
 from .backbones import TeacherError
 from .data import DataError, load_course_folder, load_image_files, load_server_batch
 from .ensemble import load_ensemble, members_identity_logits
+from .estimates import oof_ensemble_log_probs, read_heldout, student_seen, teacher_seen
 from .export import PARITY_TOLERANCE, export_student
 from .files import expand_images, load_indices, sha256_file
 from .io import atomic_write_json, atomic_write_text, ensure_writable_dir, output_problem
@@ -33,13 +37,13 @@ from .metrics import model_cost
 from .student import ContractError, check_output, load_student_checked, student_classes, student_log_probs
 from .teachers import predict_logits
 
+log = logging.getLogger(__name__)
 
 
 def _stage(msg: str, t0: float) -> float:
     dt = time.perf_counter() - t0
-    print(f"{msg} ({dt:.1f} s)", flush=True)
+    log.info(f"{msg} ({dt:.1f} s)")
     return dt
-
 
 
 # ----------------------------------------------------------------------------------------
@@ -72,6 +76,11 @@ def cmd_report(args) -> None:
     member = members_identity_logits(teachers, data.rgb, data.fingerprint, idx, args.batch_size)
     e_lp = ensemble.combine_logits(member)
     teacher_names = _unique_names([t.folder for t in teachers])
+    t_seen = teacher_seen(teachers, data.labels, idx)                         # (M, n) bool
+    oof_lp, oof_covered = oof_ensemble_log_probs(member, ensemble.weights, t_seen, ensemble.combine)
+    seen = {"student": student_seen(args.weights, data, idx), "ensemble": t_seen.any(0).numpy(),
+            **{f"teacher:{n}": s.numpy() for n, s in zip(teacher_names, t_seen)}}
+    heldout = [read_heldout(p) for p in args.heldout or []]
     timings["teachers"] = _stage(f"teacher predictions ({len(teachers)})", t0)
 
     t0 = time.perf_counter()
@@ -98,11 +107,15 @@ def cmd_report(args) -> None:
     doc = write_report(args.out, classes=classes, labels=labels.numpy(), grey=grey.numpy(), names=names,
                        student_lp=s_lp.numpy(), ensemble_lp=e_lp.numpy(),
                        teacher_lps={n: m.numpy() for n, m in zip(teacher_names, member)},
-                       meta=meta, efficiency=efficiency, timings=timings, max_examples=args.max_examples)
+                       meta=meta, efficiency=efficiency, timings=timings, max_examples=args.max_examples,
+                       seen=seen, oof_ensemble_lp=oof_lp.numpy(), oof_covered=oof_covered.numpy(),
+                       heldout=heldout)
     _stage("metrics, figures, report.md, metrics.json", t0)
     s, e = doc["predictors"]["student"], doc["predictors"]["ensemble"]
-    print(f"student accuracy {s['accuracy']:.4f}, ensemble accuracy {e['accuracy']:.4f}, agreement "
-          f"{doc['student_vs_ensemble']['top1_agreement']:.4f}; report in {args.out} "
+    honest = "; ".join(f"{r['predictor']} {r['accuracy']:.4f} ({r['images']} images)" for r in doc["honest"])
+    print(f"out-of-fold / held-out: {honest or 'none recorded'}", flush=True)
+    print(f"in-sample where trained on: student accuracy {s['accuracy']:.4f}, ensemble accuracy {e['accuracy']:.4f}, "
+          f"agreement {doc['student_vs_ensemble']['top1_agreement']:.4f}; report in {args.out} "
           f"({time.perf_counter() - t_all:.1f} s)", flush=True)
 
 
@@ -136,7 +149,7 @@ def cmd_grader(args) -> None:
 def cmd_predict(args) -> None:
     ensure_writable_dir(Path(args.out).parent)
     paths = expand_images(args.images)
-    if args.student:
+    if args.teachers is None:
         arch, weights = args.student
         classes, _ = student_classes(weights)
         model = load_student_checked(arch, weights)
@@ -187,6 +200,21 @@ def cmd_export(args) -> None:
 
 
 # ----------------------------------------------------------------------------------------
+# compare: runs side by side
+# ----------------------------------------------------------------------------------------
+def cmd_compare(args) -> None:
+    from .report import markdown_table
+    from .runlog import compare_runs
+    table = compare_runs(args.runs)
+    text = markdown_table(table)
+    print(text, flush=True)
+    if args.out:
+        ensure_writable_dir(Path(args.out).parent)
+        atomic_write_text(table.to_csv(index=False) if args.out.suffix.lower() == ".csv" else text + "\n", args.out)
+        print(f"{len(table)} runs written to {args.out}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
@@ -208,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="report folder, e.g. reports/NAME")
     p.add_argument("--indices-file", type=Path, default=None,
                    help=".pt/.json of sample indices (labels.csv order) to restrict to, e.g. a held-out fold")
+    p.add_argument("--heldout", type=Path, nargs="+", default=None, metavar="PROVENANCE",
+                   help="model.provenance.json of nested held-out student runs (distill.py --val-fold F, "
+                        "e.g. runs/estimate_v0_s0/distilled/ from scripts/heldout_estimate.sh): reported first")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--latency-runs", type=int, default=20,
                    help="timed batch-1 runs of the student (batch 256: a tenth; teachers: a quarter, batch 1 only); 0 skips latency")
@@ -225,9 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", formatter_class=fmt, help="classify unlabelled images into a CSV")
     p.add_argument("--images", nargs="+", required=True, help="image files and/or folders of images")
     p.add_argument("--out", type=Path, required=True, help="CSV with columns file,class,probability")
-    who = p.add_mutually_exclusive_group(required=True)
+    who = p.add_mutually_exclusive_group()
     who.add_argument("--student", nargs=2, type=Path, metavar=("ARCH", "WEIGHTS"),
-                     help="predict with architecture.py + model.pth")
+                     default=(Path("architecture.py"), Path("model.pth")),
+                     help="predict with this architecture.py + model.pth (the default: the shipped student)")
     who.add_argument("--teachers", nargs="*", type=Path, metavar="DIR",
                      help="predict with the ensemble of these teacher folders (none given: all under teachers/)")
     p.add_argument("--batch-size", type=int, default=256)
@@ -242,10 +274,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-check", type=int, default=64, help="images used for the parity check")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("compare", formatter_class=fmt,
+                       help="runs side by side: the config values that differ and the final metrics")
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN",
+                   help="run folders (holding log.json; folders above them are searched), e.g. runs/* teachers/*")
+    p.add_argument("--out", type=Path, default=None, help="also write the table: .csv, or markdown otherwise")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .runlog import setup_logging
+    setup_logging()
     args = build_parser().parse_args(argv)
     for name in ("batch_size", "n_check", "latency_threads"):
         if getattr(args, name, 1) < 1:

@@ -5,19 +5,15 @@ hands the predictions here. Every file is written atomically (toolkit.io).
 """
 from __future__ import annotations
 
-import io
 import math
-import textwrap
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")  # files only, never a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from . import metrics as M  # noqa: E402
-from .io import atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
+from . import metrics as M
+from .figures import plot_confusion, plot_examples, plot_per_class_accuracy, plot_reliability
+from .io import atomic_write_json, atomic_write_text
 
 FIGURES = {
     "confusion_student": "confusion_student.png",
@@ -86,129 +82,50 @@ def compute_metrics(classes: list[str], labels, student_lp, ensemble_lp,
     }
 
 
-# ----------------------------------------------------------------------------------------
-# Figures
-# ----------------------------------------------------------------------------------------
-def _save(fig, path: Path) -> Path:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+def honest_scores(labels, student_lp, teacher_lps: dict, seen: dict, oof_ensemble_lp=None, oof_covered=None,
+                  heldout: list[dict] | None = None) -> list[dict]:
+    """Scores on images the scored model never trained on, one row each: every teacher on the
+    evaluated images it did not train on (its own val fold), the ensemble with each image scored
+    by the teachers that did not train on it, the student on images it did not train on (if any),
+    then the nested held-out estimates of ``heldout`` (toolkit.estimates.read_heldout rows)."""
+    y = np.asarray(labels, dtype=np.int64)
+    rows = []
+
+    def score(name, what, lp, keep):
+        keep = np.asarray(keep, dtype=bool)
+        if not keep.any():  # trained on every evaluated image: nothing honest to say here
+            return
+        lp = M.log_softmax(lp)[keep]
+        rows.append({"predictor": name, "images": int(keep.sum()), "what": what,
+                     "accuracy": M.accuracy(y[keep], lp.argmax(1)), "nll": _finite(M.nll(lp, y[keep]))})
+    for name, lp in teacher_lps.items():
+        s = seen.get(f"teacher:{name}")
+        if s is not None:
+            score(f"teacher:{name}", "evaluated images it did not train on (out-of-fold)", lp, ~np.asarray(s))
+    if oof_ensemble_lp is not None:
+        score("ensemble", "each image by the teachers that did not train on it (out-of-fold)",
+              oof_ensemble_lp, oof_covered)
+    s = seen.get("student")
+    if s is not None and not np.asarray(s).all():
+        score("student", "evaluated images it did not train on", student_lp, ~np.asarray(s))
+    for h in heldout or []:
+        rows.append({"predictor": "student (nested held-out)", "images": h["images"],
+                     "what": f"fold {h['val_fold']}, seed {h['seed']}, seen by no teacher and no student "
+                             f"(`{h['file']}`; its ensemble: {_fmt(h['ensemble_accuracy'])})",
+                     "accuracy": h["accuracy"], "nll": h["nll"]})
+    return rows
 
 
-def plot_confusion(cm, classes: list[str], title: str, path: Path) -> Path:
-    """Counts in the cells, colour = fraction of the true class (row-normalised)."""
-    cm = np.asarray(cm)
-    C = len(classes)
-    rows = cm.sum(1, keepdims=True)
-    frac = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0)
-    side = max(6.0, 0.5 * C + 2.5)
-    fig, ax = plt.subplots(figsize=(side + 1.2, side))
-    im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
-    cell_font = 8 if C <= 20 else 6
-    for i in range(C):
-        for j in range(C):
-            if cm[i, j]:
-                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=cell_font,
-                        color="white" if frac[i, j] > 0.55 else "black")
-    ax.set_xticks(range(C), classes, rotation=45, ha="right", rotation_mode="anchor", fontsize=9)
-    ax.set_yticks(range(C), classes, fontsize=9)
-    ax.set_xlabel("predicted class", fontsize=11)
-    ax.set_ylabel("true class", fontsize=11)
-    ax.set_title(title, fontsize=12)
-    cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
-    cbar.set_label("fraction of the true class")
-    return _save(fig, path)
-
-
-def plot_reliability(reliability: dict, summaries: dict, path: Path) -> Path:
-    """One column per predictor: accuracy per confidence bin vs the diagonal, counts below."""
-    names = list(reliability)
-    fig, axes = plt.subplots(2, len(names), figsize=(5.8 * len(names), 7.0), squeeze=False,
-                             gridspec_kw={"height_ratios": [3, 1], "hspace": 0.08})
-    for col, name in enumerate(names):
-        b = {k: np.array([np.nan if v is None else v for v in vals], dtype=float)
-             for k, vals in reliability[name].items()}
-        centres, width = (b["lower"] + b["upper"]) / 2, b["upper"] - b["lower"]
-        ax, hist = axes[0, col], axes[1, col]
-        filled = b["count"] > 0
-        ax.bar(centres[filled], b["accuracy"][filled], width=width[filled], color="tab:blue",
-               edgecolor="black", linewidth=0.6, label="accuracy in bin")
-        gap_lo = np.minimum(b["accuracy"], b["confidence"])[filled]
-        gap_hi = np.maximum(b["accuracy"], b["confidence"])[filled]
-        ax.bar(centres[filled], gap_hi - gap_lo, bottom=gap_lo, width=width[filled], facecolor="none",
-               edgecolor="tab:red", hatch="///", linewidth=0.8, label="gap to mean confidence")
-        ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_ylabel("accuracy")
-        ax.tick_params(labelbottom=False)
-        s = summaries[name]
-        ax.set_title(f"{name}: ECE {s['ece']:.3f} (after in-sample T={s['ts_temperature']:.2f}: "
-                     f"{s['ts_ece']:.3f})", fontsize=10)
-        hist.bar(centres, b["count"], width=width, color="grey", edgecolor="black", linewidth=0.5)
-        hist.set_xlim(0, 1)
-        hist.set_xlabel("confidence (max probability), 15 equal-width bins")
-        hist.set_ylabel("images")
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 0.93), ncol=3, fontsize=9,
-               frameon=False)
-    fig.suptitle("Reliability diagrams", y=1.0, fontsize=12)
-    return _save(fig, path)
-
-
-def plot_per_class_accuracy(classes: list[str], student_acc, ensemble_acc, support, path: Path) -> Path:
-    """Horizontal grouped bars with their values: class names stay horizontal and readable."""
-    C = len(classes)
-    y = np.arange(C)
-    fig, ax = plt.subplots(figsize=(9, max(4.0, 0.45 * C + 1.8)))
-    h = 0.4
-    for offset, acc, label, colour in ((-h / 2, student_acc, "student", "tab:orange"),
-                                       (h / 2, ensemble_acc, "ensemble", "tab:blue")):
-        acc = np.asarray(acc, dtype=float)
-        ax.barh(y + offset, acc, height=h, label=label, color=colour)
-        for yi, a, n in zip(y + offset, acc, support):
-            if n:
-                ax.text(a + 0.01, yi, f"{a:.2f}", va="center", ha="left", fontsize=7)
-    ax.set_yticks(y, [f"{c} (n={n})" for c, n in zip(classes, support)], fontsize=9)
-    ax.set_ylim(C - 0.5, -0.5)  # first class on top
-    ax.set_xlim(0, 1.1)
-    ax.set_xticks(np.linspace(0, 1, 6))
-    ax.set_xlabel("per-class accuracy (recall)")
-    ax.set_ylabel("true class")
-    ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=9, frameon=False)
-    ax.set_title("Per-class accuracy: student vs ensemble", pad=24)
-    return _save(fig, path)
-
-
-def plot_examples(grey, indices, titles: list[str], heading: str, path: Path, cols: int = 6) -> Path:
-    """Grid of grey images (N, 1, H, W) uint8 at ``indices`` with one title each."""
-    indices = list(indices)
-    if not indices:
-        fig, ax = plt.subplots(figsize=(6, 1.5))
-        ax.axis("off")
-        ax.text(0.5, 0.5, f"{heading}:\nnone in this data", ha="center", va="center", fontsize=11)
-        return _save(fig, path)
-    cols = min(cols, len(indices))
-    rows = math.ceil(len(indices) / cols)
-    # explicit geometry (inches): every image gets room for a 5-line title above it
-    img, gap, title = 2.3, 0.15, 0.85
-    width = cols * (img + gap) + gap
-    heading = textwrap.fill(heading, max(30, int(width * 10)))
-    head = 0.25 + 0.22 * (heading.count("\n") + 1)
-    height = rows * (img + title) + head + 0.1
-    fig, axes = plt.subplots(rows, cols, figsize=(width, height), squeeze=False)
-    fig.subplots_adjust(left=gap / width, right=1 - gap / width, top=1 - (head + title) / height,
-                        bottom=0.1 / height, wspace=gap / img, hspace=title / img)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, i, text in zip(axes.flat, indices, titles):
-        img_arr = np.asarray(grey[i])[0]
-        ax.imshow(img_arr, cmap="gray", vmin=0, vmax=255)
-        ax.set_title(text, fontsize=8, loc="left")
-    fig.suptitle(heading, fontsize=11, y=1 - 0.15 / height, va="top")
-    return _save(fig, path)
+def markdown_table(df: pd.DataFrame, digits: int = 4) -> str:
+    """A DataFrame as a GitHub markdown table (floats rounded, None/NaN as '-')."""
+    def cell(v):
+        if v is None or (isinstance(v, float) and not math.isfinite(v)):
+            return "-"
+        return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.astype(object).itertuples(index=False)]
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------
@@ -220,6 +137,20 @@ def _fmt(v, digits=4):
     if isinstance(v, float):
         return f"{v:.{digits}f}"
     return str(v)
+
+
+SCORE_COLUMNS = {"accuracy": "accuracy", "balanced_accuracy": "balanced acc", "macro_f1": "macro-F1",
+                 "nll": "NLL", "ece": "ECE", "ts_temperature": "T (in-sample)", "ts_nll": "NLL after T",
+                 "ts_ece": "ECE after T", "agreement_with_ensemble": "agreement w/ ensemble"}
+
+
+def per_class_table(m: dict) -> pd.DataFrame:
+    """One row per class: support, student and ensemble precision / recall, their agreement."""
+    pc = m["per_class"]
+    return pd.DataFrame({"class": pc["class"], "n": pc["support"],
+                         "student precision": pc["student_precision"], "student recall": pc["student_recall"],
+                         "ensemble precision": pc["ensemble_precision"], "ensemble recall": pc["ensemble_recall"],
+                         "agreement": pc["agreement"]})
 
 
 def _markdown(m: dict, meta: dict, efficiency: dict, timings: dict, examples_shown: int) -> str:
@@ -234,19 +165,27 @@ def _markdown(m: dict, meta: dict, efficiency: dict, timings: dict, examples_sho
     L.append(f"- created {meta.get('created', '')} with torch {meta.get('torch')} "
              f"({meta.get('threads')} CPU threads)\n")
 
-    L.append("## Scores\n")
-    L.append("| predictor | accuracy | balanced acc | macro-F1 | NLL | ECE | T (in-sample) | NLL after T | ECE after T | agreement w/ ensemble |")
-    L.append("|---|---|---|---|---|---|---|---|---|---|")
-    for name, s in m["predictors"].items():
-        L.append(f"| {name} | {_fmt(s['accuracy'])} | {_fmt(s['balanced_accuracy'])} | {_fmt(s['macro_f1'])} | "
-                 f"{_fmt(s['nll'])} | {_fmt(s['ece'])} | {_fmt(s['ts_temperature'], 3)} | {_fmt(s['ts_nll'])} | "
-                 f"{_fmt(s['ts_ece'])} | {_fmt(s['agreement_with_ensemble'])} |")
-    L.append("")
-    L.append("ECE: 15 equal-width confidence bins (Guo et al. 2017). **Temperature scaling is fitted "
-             "on the evaluated data itself**, so the 'after T' columns are an optimistic, in-sample "
-             "bound, not what a temperature fitted elsewhere would achieve.")
-    L.append("Teachers (and the ensemble) scored on images they were trained on look better than they "
-             "are: restrict to a held-out fold with `--indices-file` for honest numbers.\n")
+    L.append("## Honest estimates: images the scored model never trained on\n")
+    if m.get("honest"):
+        df = pd.DataFrame(m["honest"], columns=["predictor", "images", "accuracy", "nll", "what"])
+        df = df.rename(columns={"nll": "NLL", "what": "scored on"})
+        L.append(markdown_table(df) + "\n")
+    else:
+        L.append("None: no model here records images it did not train on.\n")
+    if not any(r["predictor"].startswith("student") for r in m.get("honest", [])):
+        L.append("The student has no held-out estimate here: `scripts/heldout_estimate.sh` runs the nested "
+                 "recipe (a fold no teacher and no student sees); pass its provenance with `--heldout`.\n")
+
+    seen = m.get("seen_fraction", {})
+    L.append("## All evaluated images (in-sample where 'trained on' > 0)\n")
+    df = pd.DataFrame([{"predictor": name, "trained on": seen.get(name), **{k: s[k] for k in SCORE_COLUMNS}}
+                       for name, s in m["predictors"].items()]).rename(columns=SCORE_COLUMNS)
+    L.append(markdown_table(df) + "\n")
+    L.append("'trained on': the fraction of these images the model (for the ensemble: any teacher) was "
+             "trained on, from its recorded k-fold split or provenance ('-': unknown). **Scores on training "
+             "images are in-sample and flatter the model**: the honest figures are the table above. ECE: 15 "
+             "equal-width confidence bins (Guo et al. 2017). **Temperature scaling is fitted on the evaluated "
+             "data itself**, so the 'after T' columns are an optimistic, in-sample bound.\n")
 
     sv = m["student_vs_ensemble"]
     L.append("## Student vs ensemble\n")
@@ -272,15 +211,8 @@ def _markdown(m: dict, meta: dict, efficiency: dict, timings: dict, examples_sho
              f"Latency: CPU wall clock with {threads or '?'} torch thread(s), median of repeated runs on real "
              "images; on a machine busy with other work it is noisy and an upper bound.\n")
 
-    pc = m["per_class"]
     L.append("## Per class\n")
-    L.append("| class | n | student precision | student recall | ensemble precision | ensemble recall | agreement |")
-    L.append("|---|---|---|---|---|---|---|")
-    for i, c in enumerate(pc["class"]):
-        L.append(f"| {c} | {pc['support'][i]} | {_fmt(pc['student_precision'][i], 3)} | {_fmt(pc['student_recall'][i], 3)} | "
-                 f"{_fmt(pc['ensemble_precision'][i], 3)} | {_fmt(pc['ensemble_recall'][i], 3)} | "
-                 f"{_fmt(pc['agreement'][i], 3)} |")
-    L.append("")
+    L.append(markdown_table(per_class_table(m), digits=3) + "\n")
 
     L.append("## Figures\n")
     for key, file in FIGURES.items():
@@ -295,10 +227,16 @@ def _markdown(m: dict, meta: dict, efficiency: dict, timings: dict, examples_sho
 def write_report(out_dir: str | Path, *, classes: list[str], labels, grey, names: list[str],
                  student_lp, ensemble_lp, teacher_lps: dict | None = None, meta: dict | None = None,
                  efficiency: dict | None = None, timings: dict | None = None,
-                 max_examples: int = 24) -> dict:
-    """Compute the metrics and write report.md, metrics.json and the PNGs into ``out_dir``.
+                 max_examples: int = 24, seen: dict | None = None, oof_ensemble_lp=None,
+                 oof_covered=None, heldout: list[dict] | None = None) -> dict:
+    """Compute the metrics and write report.md, metrics.json, per_class.csv and the PNGs into
+    ``out_dir``.
 
     grey: (N, 1, H, W) uint8 images aligned with labels/predictions (the student's view).
+    seen: predictor name ('student', 'teacher:NAME', 'ensemble') -> (N,) bool, True where it
+    trained on the image, or None if unknown. oof_ensemble_lp / oof_covered: the out-of-fold
+    ensemble (toolkit.estimates.oof_ensemble_log_probs). heldout: nested held-out student runs
+    (toolkit.estimates.read_heldout). These lead the report; in-sample scores follow, labelled.
     Returns the metrics dict (as written to metrics.json).
     """
     import time
@@ -307,6 +245,9 @@ def write_report(out_dir: str | Path, *, classes: list[str], labels, grey, names
     out.mkdir(parents=True, exist_ok=True)
     meta, efficiency, timings = dict(meta or {}), dict(efficiency or {}), dict(timings or {})
     m = compute_metrics(classes, labels, student_lp, ensemble_lp, teacher_lps)
+    seen = dict(seen or {})
+    m["seen_fraction"] = {k: (None if v is None else float(np.mean(np.asarray(v, dtype=bool)))) for k, v in seen.items()}
+    m["honest"] = honest_scores(labels, student_lp, teacher_lps or {}, seen, oof_ensemble_lp, oof_covered, heldout)
     timings["metrics"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -336,5 +277,6 @@ def write_report(out_dir: str | Path, *, classes: list[str], labels, grey, names
 
     doc = {"meta": meta, **m, "efficiency": efficiency, "timings_s": {k: round(v, 3) for k, v in timings.items()}}
     atomic_write_json(doc, out / "metrics.json")
+    atomic_write_text(per_class_table(m).to_csv(index=False), out / "per_class.csv")
     atomic_write_text(_markdown(m, meta, efficiency, timings, len(idx)), out / "report.md")
     return doc

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import builtins
 import json
+import logging
 import sys
 from pathlib import Path
 
 import torch
 
 from .data import DataError
+
+log = logging.getLogger(__name__)
 
 # Top-level packages architecture.py may import: the server has torch and Python only.
 ALLOWED_PACKAGES = {"torch"}
@@ -151,9 +154,10 @@ def check_output(out, n: int, num_classes: int, arch) -> None:
 def student_log_probs(model: torch.nn.Module, grey_u8: torch.Tensor, num_classes: int,
                       batch_size: int = 256, arch: str | Path = "architecture.py") -> torch.Tensor:
     """Student on the server's input (grey uint8 / 255, float32) -> (N, C) log-probabilities."""
+    from tqdm import tqdm
     model.eval()
     outs = []
-    for i in range(0, len(grey_u8), batch_size):
+    for i in tqdm(range(0, len(grey_u8), batch_size), desc="student predictions", unit="batch", leave=False):
         x = grey_u8[i:i + batch_size].float() / 255
         try:
             out = model(x)
@@ -186,8 +190,8 @@ def init_student_weights(student: torch.nn.Module, timm_name: str, source: str) 
                             f"(first differences: {wrong[:3]})")
     expected = getattr(student, "INPUT_MEAN", None)
     if expected is not None and abs(float(mean[0]) - expected) > 0.05:
-        print(f"warning: {timm_name} weights expect input mean {mean[0]:.3f}, the student normalises "
-              f"with {expected}", file=sys.stderr)
+        log.warning(f"warning: {timm_name} weights expect input mean {mean[0]:.3f}, the student normalises "
+                    f"with {expected}")
     keep = {k: v for k, v in ours.items() if k.startswith("classifier.")}
     student.load_state_dict({**theirs, **keep})
 

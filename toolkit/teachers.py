@@ -124,7 +124,8 @@ def find_teacher_folders(root: str | Path = "teachers") -> list[Path]:
 def predict_logits(module: nn.Module, rgb_u8: torch.Tensor, batch_size: int = 256,
                    device: str | torch.device = "cpu") -> torch.Tensor:
     """Run ``module`` (teacher or ensemble) over (N, 3, 100, 100) uint8 -> (N, C) float32."""
+    from tqdm import tqdm
     module.eval()
     out = [module(rgb_u8[i:i + batch_size].to(device)).float().cpu()
-           for i in range(0, len(rgb_u8), batch_size)]
+           for i in tqdm(range(0, len(rgb_u8), batch_size), desc="teacher predictions", unit="batch", leave=False)]
     return torch.cat(out) if out else torch.empty(0)

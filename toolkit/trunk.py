@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import sys
+import logging
 import time
 from pathlib import Path
 
@@ -21,6 +21,8 @@ from .augment import apply_views
 from .backbones import TeacherError
 from .data import default_cache_dir
 from .io import atomic_save
+
+log = logging.getLogger(__name__)
 
 
 class TrunkSplit(nn.Module):
@@ -145,11 +147,11 @@ def cached_trunk_features(path: Path, teacher, split: TrunkSplit, images_u8: tor
             if torch.equal(blob["view_params"], view_params):
                 return blob["features"]
         except Exception as err:
-            print(f"warning: {path}: corrupt trunk cache ({type(err).__name__}); recomputing", file=sys.stderr)
+            log.warning(f"warning: {path}: corrupt trunk cache ({type(err).__name__}); recomputing")
     t0 = time.time()
     features = compute_trunk_features(teacher, split, images_u8, view_params, device=device, desc=desc)
     if save:
-        print(f"{desc} {tuple(features.shape)} in {time.time() - t0:.0f}s", flush=True)
+        log.info(f"{desc} {tuple(features.shape)} in {time.time() - t0:.0f}s")
         atomic_save({"features": features, "view_params": view_params}, path)
     return features
 
