@@ -294,8 +294,8 @@ def main(argv: list[str] | None = None) -> None:
     if getattr(args, "latency_runs", 0) < 0:
         raise SystemExit("error: --latency-runs must be >= 0")
     try:
-        if getattr(args, "out", None) is not None:  # a folder, or predict's CSV file: checked before any work
-            problem = output_problem(args.out, is_dir=args.command != "predict")
+        if getattr(args, "out", None) is not None:  # a folder, or a CSV / table file: checked before any work
+            problem = output_problem(args.out, is_dir=args.command in ("report", "export"))
             if problem:
                 raise SystemExit(f"error: --out: {problem}")
         args.func(args)
