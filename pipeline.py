@@ -65,8 +65,10 @@ class PipelineConfig:
                 _, flags = parse_recipe(recipe)
                 parse_config(train_teacher.TeacherConfig, ["--data", self.data, "--out", self.teachers_root,
                                                            "--pretrained", self.pretrained, *flags])
-            except (DataError, ConfigError) as err:
+            except ConfigError as err:  # a flag of the recipe
                 return "teacher_recipes", f"{recipe!r}: {err}"
+            except DataError as err:  # the recipe's own form
+                return "teacher_recipes", str(err).removeprefix("--teacher-recipes ")
         return None
 
 

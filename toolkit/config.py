@@ -26,14 +26,17 @@ import sys
 import typing
 from pathlib import Path
 
+from .data import DataError
+
 # Keys a run records in its config.yaml beside the resolved config (train_teacher.py adds the
 # data's fingerprint, the class list and the trunk cache key): accepted and ignored on replay,
 # so every saved config.yaml replays with --config.
 RECORDED_KEYS = frozenset({"data_fingerprint", "classes", "trunk_cache_key"})
 
 
-class ConfigError(ValueError):
-    """A bad flag or config value; the one-line message names the flag or file and key."""
+class ConfigError(DataError):
+    """A bad flag or config value; the one-line message names the flag or file and key. A
+    DataError, like every other bad input, so callers that catch those catch it too."""
 
 
 def option(default, help: str, *, choices: tuple | None = None, min: float | None = None,
