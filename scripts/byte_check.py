@@ -8,8 +8,8 @@ MyCNN, timm's test_efficientnet teachers at 32 px) in a temporary folder, then r
 train_teacher.py (online with TrivialAugment + mixup, and on a cached frozen trunk) and
 distill.py in every mode (cached, cached + mixup, online, online + mixup, scratch, DIST,
 calibrated, student frozen stages, a frozen-trunk teacher), all single-threaded on the CPU.
-It records sha256 of each run's weights (tensors in key order) and of its log.json without
-wall-clock fields, and with --compare lists what differs. Uses only the scripts' command
+It records sha256 of each run's weights (tensors in key order) and of its log.json's losses and
+metrics per epoch, and with --compare lists what differs. Uses only the scripts' command
 lines, so any two commits can be compared. About a minute on one core.
 """
 from __future__ import annotations
@@ -43,7 +43,9 @@ def tensors_sha(state: dict) -> str:
 
 def log_sha(folder: Path) -> str:
     rows = json.loads((folder / "log.json").read_text())
-    rows = [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+    # losses and metrics only (not wall-clock seconds, nor fields later versions added)
+    rows = [{k: v for k, v in row.items() if k.startswith(("train_", "val_")) or k in ("epoch", "step")}
+            for row in rows]
     return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
 
 

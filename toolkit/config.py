@@ -1,47 +1,301 @@
-"""Dataclass configs are the single source of truth: CLI flags are made from their fields.
+"""Dataclass configs are the single source of truth: CLI flags, help, defaults, allowed values
+and their checks are all made from the fields.
 
-``parse_config(Config)`` gives every field a ``--flag`` (booleans get ``--flag/--no-flag``),
-an optional ``--config file.yaml`` sets defaults, and the result is the resolved dataclass.
+    @dataclass
+    class Config:
+        epochs: int = option(10, "training epochs", min=1)
+        mode: str = option("cached", "where the soft targets come from", choices=("cached", "online"))
+
+    cfg = parse_config(Config, argv)
+
+``parse_config`` gives every field a ``--flag`` (booleans get ``--flag/--no-flag``) whose
+``--help`` line is the field's help text, its default and its allowed values; a closed set of
+values is a real argparse ``choices`` (a typo is refused, listing the valid ones). An optional
+``--config file.yaml`` sets defaults: its values are coerced to the field's type or refused.
+Every value is then checked (range, finiteness, choices, paths, the config's own ``check()``)
+before the caller touches any data or model. Every problem is one ``ConfigError`` line
+naming the flag (or the config file and key) that holds the bad value.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
+import sys
 import typing
 from pathlib import Path
 
+from .data import DataError
+
+# Keys a run records in its config.yaml beside the resolved config (train_teacher.py adds the
+# data's fingerprint, the class list and the trunk cache key): accepted and ignored on replay,
+# so every saved config.yaml replays with --config.
+RECORDED_KEYS = frozenset({"data_fingerprint", "classes", "trunk_cache_key"})
+
+
+class ConfigError(DataError):
+    """A bad flag or config value; the one-line message names the flag or file and key. A
+    DataError, like every other bad input, so callers that catch those catch it too."""
+
+
+def option(default, help: str, *, choices: tuple | None = None, min: float | None = None,
+           max: float | None = None, below: float | None = None, path: str | None = None,
+           or_file: bool = False, check=None):
+    """A dataclass field with its CLI metadata.
+
+    choices: the allowed values (for lists: of each item); ``or_file``: or an existing file.
+    min / max: inclusive bounds, below: exclusive upper bound (floats must also be finite).
+    path: "in_dir" / "in_file" must exist; "out_file" / "out_dir" must be creatable or
+    writable (not a folder where a file goes, not under a regular file, folder writable).
+    check: ``check(value) -> problem string or None`` for anything else.
+    """
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "below": below, "path": path,
+            "or_file": or_file, "check": check}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one ConfigError line (``--flag: what is wrong``), not usage + exit."""
+
+    def error(self, message):
+        message = message.replace("argument ", "", 1) if message.startswith("argument ") else message
+        raise ConfigError(f"{message} (see --help)")
+
 
 def parse_config(cls, argv: list[str] | None = None, description: str | None = None):
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", type=Path)
+    """argv (default sys.argv[1:]) -> a checked ``cls`` instance; ConfigError on any bad value."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = _Parser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config", type=Path, metavar="FILE.yaml",
+                     help="a YAML file of field: value defaults (e.g. a run's saved config.yaml); flags override it")
     known, _ = pre.parse_known_args(argv)
-    defaults = {}
-    if known.config is not None:
-        import yaml
-        if not known.config.is_file():
-            raise SystemExit(f"error: {known.config}: config file not found")
-        defaults = yaml.safe_load(known.config.read_text()) or {}
-        unknown = set(defaults) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise SystemExit(f"error: {known.config}: unknown keys {sorted(unknown)}")
-
-    parser = argparse.ArgumentParser(description=description or cls.__doc__, parents=[pre],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(cls)
-    for field in dataclasses.fields(cls):
-        default = defaults.get(field.name, field.default if field.default is not dataclasses.MISSING
-                               else field.default_factory())
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    file_values = read_config_file(known.config, fields, hints) if known.config is not None else {}
+
+    parser = _Parser(description=description or cls.__doc__, parents=[pre], allow_abbrev=False,
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for field in fields.values():
+        default = file_values.get(field.name, field.default if field.default is not dataclasses.MISSING
+                                  else field.default_factory())
         flag = "--" + field.name.replace("_", "-")
-        kind = hints[field.name]
-        help_text = field.metadata.get("help", " ")
+        kind, meta = hints[field.name], field.metadata
+        help_text = (meta.get("help") or " ") + _range_text(meta)
+        choices = meta.get("choices")
+        if choices and meta.get("or_file"):
+            help_text += f" (one of {', '.join(map(str, choices))}, or a file)"
+            choices = None  # checked below: argparse cannot express "or a file"
         if kind is bool:
             parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
                                 default=default, help=help_text)
         elif typing.get_origin(kind) in (list, tuple):
             item = typing.get_args(kind)[0]
-            parser.add_argument(flag, dest=field.name, nargs="*", type=item, default=default, help=help_text)
+            parser.add_argument(flag, dest=field.name, nargs="*", type=item, default=default, help=help_text,
+                                choices=choices, metavar=item.__name__.upper() if not choices else None)
         else:
-            parser.add_argument(flag, dest=field.name, type=kind, default=default, help=help_text)
+            parser.add_argument(flag, dest=field.name, type=kind, default=default, help=help_text,
+                                choices=choices)
     args = vars(parser.parse_args(argv))
     args.pop("config", None)
-    return cls(**args)
+    cfg = cls(**args)
+
+    def culprit(name: str) -> str:
+        flag = "--" + name.replace("_", "-")
+        given = any(a == flag or a.startswith(flag + "=") or a == "--no-" + flag[2:] for a in argv)
+        return flag if given or name not in file_values else f"{known.config}: {name}"
+
+    for name, field in fields.items():
+        problem = check_value(getattr(cfg, name), field.metadata)
+        if problem:
+            raise ConfigError(f"{culprit(name)}: {problem}")
+    check_cache_dir()
+    if hasattr(cfg, "check"):  # relations between fields: (field name, problem) or None
+        found = cfg.check()
+        if found:
+            name, problem = found
+            raise ConfigError(f"{culprit(name)}: {problem}")
+    return cfg
+
+
+def _range_text(meta) -> str:
+    parts = [f">= {meta['min']}" if meta.get("min") is not None else "",
+             f"<= {meta['max']}" if meta.get("max") is not None else "",
+             f"< {meta['below']}" if meta.get("below") is not None else ""]
+    parts = [p for p in parts if p]
+    return f" [{', '.join(parts)}]" if parts else ""
+
+
+# ----------------------------------------------------------------------------------------
+# The config file
+# ----------------------------------------------------------------------------------------
+def read_config_file(path: Path, fields: dict, hints: dict) -> dict:
+    """YAML file -> {field: value coerced to the field's type}; ConfigError naming file and key."""
+    import yaml
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(err, "problem", None) or type(err).__name__
+        raise ConfigError(f"{path}: not valid YAML ({what}{where})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: config file cannot be read ({type(err).__name__})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected 'field: value' lines, got a YAML {type(raw).__name__}")
+    unknown = sorted(set(map(str, raw)) - set(fields) - RECORDED_KEYS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {unknown} (valid: {', '.join(fields)})")
+    values = {}
+    for key, value in raw.items():
+        if key in RECORDED_KEYS:
+            continue
+        try:
+            values[key] = coerce(value, hints[key])
+        except ValueError as err:
+            raise ConfigError(f"{path}: {key}: {err}") from None
+    return values
+
+
+def coerce(value, kind):
+    """A YAML value -> ``kind`` (bool, int, float, str, list[...]); ValueError if it is not one."""
+    if typing.get_origin(kind) in (list, tuple):
+        if not isinstance(value, list):
+            raise ValueError(f"expected a list, got {_describe(value)} (write [a, b] or one '- a' line per item)")
+        item = typing.get_args(kind)[0]
+        return [coerce(v, item) for v in value]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"expected true or false, got {_describe(value)}")
+    if kind is int:
+        if isinstance(value, bool):
+            raise ValueError(f"expected an integer, got {_describe(value)}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise ValueError(f"expected an integer, got {_describe(value)}")
+    if kind is float:
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number, got {_describe(value)}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise ValueError(f"expected a number, got {_describe(value)}")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"expected a string, got {_describe(value)}")
+    return value
+
+
+def _describe(value) -> str:
+    if value is None:
+        return "nothing (null)"
+    kind = {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "a list",
+            dict: "a mapping"}.get(type(value), type(value).__name__)
+    return f"{kind} {value!r}"
+
+
+# ----------------------------------------------------------------------------------------
+# Checks of one value
+# ----------------------------------------------------------------------------------------
+def check_value(value, meta) -> str | None:
+    """The problem with one field's value (per its metadata), or None."""
+    items = value if isinstance(value, list) else [value]
+    for v in items:
+        if isinstance(v, float) and not math.isfinite(v):
+            return f"must be a finite number, got {v}"
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if meta.get("min") is not None and v < meta["min"]:
+                return f"must be >= {meta['min']}, got {v}"
+            if meta.get("max") is not None and v > meta["max"]:
+                return f"must be <= {meta['max']}, got {v}"
+            if meta.get("below") is not None and v >= meta["below"]:
+                return f"must be < {meta['below']}, got {v}"
+        choices = meta.get("choices")
+        if choices and v not in choices:
+            if not (meta.get("or_file") and Path(str(v)).is_file()):
+                allowed = ", ".join(map(str, choices)) + (" or an existing file" if meta.get("or_file") else "")
+                return f"invalid choice {v!r} (choose from {allowed})"
+    if meta.get("path"):
+        problem = path_problem(value, meta["path"])
+        if problem:
+            return problem
+    if meta.get("check") is not None:
+        return meta["check"](value)
+    return None
+
+
+def path_problem(path: str, kind: str) -> str | None:
+    """in_dir / in_file must exist as that; out_file / out_dir go through toolkit.io's check
+    (which raises PermissionError for a folder that exists but cannot be written)."""
+    p = Path(path)
+    if kind == "in_dir":
+        if not p.exists():
+            return f"{p}: folder does not exist"
+        return None if p.is_dir() else f"{p}: is a file, expected a folder"
+    if kind == "in_file":
+        if not p.exists():
+            return f"{p}: file does not exist"
+        return None if p.is_file() else f"{p}: is a folder, expected a file"
+    from .io import output_problem
+    return output_problem(p, is_dir=kind == "out_dir")
+
+
+def check_device(name: str) -> str | None:
+    """'auto', 'cpu', 'cuda[:i]', 'mps' ... that exists on this machine."""
+    if name == "auto":
+        return None
+    import torch
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        return f"invalid device {name!r} (auto, cpu, cuda, cuda:N or mps)"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"{name}: no CUDA device on this machine (use --device cpu or auto)"
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return f"{name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+    elif device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        return f"{name}: MPS is not available on this machine (use --device cpu or auto)"
+    elif device.type not in ("cpu", "cuda", "mps"):
+        return f"unsupported device {name!r} (auto, cpu, cuda, cuda:N or mps)"
+    return None
+
+
+def check_timm_model(name: str) -> str | None:
+    import difflib
+
+    import timm
+    if timm.is_model(name):
+        return None
+    close = difflib.get_close_matches(name, timm.list_models(), n=4)
+    return f"unknown timm model {name!r}" + (f" (similar: {', '.join(close)})" if close else "")
+
+
+def check_cache_dir() -> None:
+    """The data/trunk cache location ($TOOLKIT_CACHE) must be a folder or creatable as one."""
+    cache = Path(os.environ.get("TOOLKIT_CACHE", Path.home() / ".cache" / "distill-toolkit"))
+    try:
+        problem = path_problem(str(cache), "out_dir")
+    except PermissionError:  # an unwritable cache only costs time (data.py warns and goes on)
+        return
+    if problem:
+        raise ConfigError(f"TOOLKIT_CACHE: cache location {problem}")

@@ -10,6 +10,7 @@ replays exactly the steps an uninterrupted run would have taken.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -40,6 +41,27 @@ CHECKPOINT = "checkpoint.pth"
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+class CheckpointError(RuntimeError):
+    """--resume from a checkpoint that is unreadable or belongs to another run."""
+
+
+class TrainingError(RuntimeError):
+    """A run that earned no result (no training step): nothing is saved."""
+
+
+# Config keys that do not change what a resumed run computes: where things are written or
+# read from (the data's content is compared by fingerprint), the device, checkpoint cadence.
+RESUME_IRRELEVANT = frozenset({"resume", "checkpoint_every", "device", "amp", "out", "work_dir", "data",
+                               "arch", "teachers", "teachers_root", "report_dir"})
+
+
+def run_identity(config: dict, fingerprint: str) -> dict:
+    """What a checkpoint must share with the run that resumes it (the model's parameter names
+    and shapes are added by the Trainer)."""
+    return {"data_fingerprint": fingerprint,
+            "config": {k: v for k, v in config.items() if k not in RESUME_IRRELEVANT}}
 
 
 # ----------------------------------------------------------------------------------------
@@ -127,18 +149,20 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
 
 
 def make_trainer(model: nn.Module, cfg, out_dir: str | Path, sampler, env: DistEnv, device: torch.device,
-                 desc: str) -> "Trainer":
+                 desc: str, fingerprint: str | None = None) -> "Trainer":
     """The two scripts' shared set-up: the optimizer (timm's ``cfg.optimizer``, e.g. adamw or
     sgd = Nesterov momentum 0.9) at ``cfg.lr`` per 256 images, warm-up
     (``cfg.warmup_epochs``) + cosine over ``cfg.epochs`` epochs of ``sampler``'s batches, the
-    Trainer with EMA and checkpoints, resumed from ``out_dir`` with ``cfg.resume``."""
+    Trainer with EMA and checkpoints, resumed from ``out_dir`` with ``cfg.resume`` (which must
+    then hold a checkpoint of this run: the data ``fingerprint``, ``cfg`` and the model)."""
     steps_per_epoch = len(epoch_index_batches(sampler, 0, cfg.batch_size))
     # timm's factory: no weight decay on biases and norm parameters (1-d), frozen ones left out
     optimizer = create_optimizer_v2(model, cfg.optimizer, lr=cfg.lr * cfg.batch_size / 256,
                                     weight_decay=cfg.weight_decay)
     scheduler = warmup_cosine(optimizer, cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch))
     trainer = Trainer(model, optimizer, scheduler, out_dir, cfg.epochs, cfg.seed, env, device, cfg.ema_decay,
-                      cfg.checkpoint_every, amp=cfg.amp, desc=desc)
+                      cfg.checkpoint_every, amp=cfg.amp, desc=desc,
+                      identity=None if fingerprint is None else run_identity(dataclasses.asdict(cfg), fingerprint))
     if cfg.resume and trainer.resume() and env.is_main:
         print(f"resumed {out_dir} at epoch {trainer.epoch + 1}, step {trainer.global_step}", flush=True)
     return trainer
@@ -169,7 +193,8 @@ class Trainer:
 
     def __init__(self, model: nn.Module, optimizer, scheduler, out_dir: str | Path, epochs: int,
                  seed: int, env: DistEnv = DistEnv(), device: torch.device = torch.device("cpu"),
-                 ema_decay: float = 0.0, checkpoint_every: int = 200, amp: bool = False, desc: str = "train"):
+                 ema_decay: float = 0.0, checkpoint_every: int = 200, amp: bool = False, desc: str = "train",
+                 identity: dict | None = None):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.out_dir, self.epochs, self.seed, self.env, self.device = Path(out_dir), epochs, seed, env, device
         self.ema = ModelEmaV3(model, decay=ema_decay, use_warmup=True) if ema_decay > 0 else None
@@ -181,6 +206,10 @@ class Trainer:
         if env.enabled:
             self.train_model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
+        # run_identity(...) + the trained model's parameter names and shapes: stored in every
+        # checkpoint and compared on resume (None: not checked, for library use)
+        self.identity = None if identity is None else {
+            **identity, "model": [[k, list(v.shape)] for k, v in model.state_dict().items()]}
         self.epoch, self.step_in_epoch, self.global_step, self.history = 0, 0, 0, []
         self.epoch_sums, self.epoch_count = {}, 0  # running train-loss sums of the current epoch
 
@@ -190,7 +219,8 @@ class Trainer:
                  "scheduler": self.scheduler.state_dict(), "epoch": self.epoch,
                  "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                  "history": self.history, "torch_rng": torch.get_rng_state(),
-                 "epoch_sums": dict(self.epoch_sums), "epoch_count": self.epoch_count}
+                 "epoch_sums": dict(self.epoch_sums), "epoch_count": self.epoch_count,
+                 "run_identity": self.identity}
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
         if self.scaler is not None:
@@ -202,17 +232,34 @@ class Trainer:
             atomic_save(self.state_dict(), self.out_dir / CHECKPOINT)
 
     def resume(self) -> bool:
+        """Load the checkpoint of ``out_dir`` if there is one (False if none). CheckpointError if
+        it cannot be read or, when this trainer has an identity, belongs to another run."""
         path = self.out_dir / CHECKPOINT
         if not path.is_file():
             return False
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.ema is not None and "ema" in state:
-            self.ema.load_state_dict(state["ema"])
-        if self.scaler is not None and "scaler" in state:
-            self.scaler.load_state_dict(state["scaler"])
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=False)
+            if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "epoch"} <= state.keys():
+                raise ValueError("not a training checkpoint")
+        except Exception as err:  # truncated, corrupt, or some other file
+            raise CheckpointError(f"{path}: checkpoint cannot be read ({type(err).__name__}: "
+                                  f"{' '.join(str(err).split())[:200]}); delete it to start afresh") from None
+        if self.identity is not None:
+            problem = identity_mismatch(state.get("run_identity"), self.identity)
+            if problem:
+                raise CheckpointError(f"{path}: checkpoint belongs to another run ({problem}); "
+                                      "resume with the same data and config, or delete it to start afresh")
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if self.ema is not None and "ema" in state:
+                self.ema.load_state_dict(state["ema"])
+            if self.scaler is not None and "scaler" in state:
+                self.scaler.load_state_dict(state["scaler"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise CheckpointError(f"{path}: checkpoint does not fit this model "
+                                  f"({' '.join(str(err).split())[:200]})") from None
         torch.set_rng_state(state["torch_rng"].cpu())
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step, self.history = state["global_step"], state["history"]
@@ -254,7 +301,19 @@ class Trainer:
                 atomic_write_json(self.history, self.out_dir / "log.json")
                 write_run_summary(self.history, self.out_dir, curve=self.epoch == self.epochs)  # summary.csv, PNG
                 log.info(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+        self.check_earned()
         return self.history
+
+    def check_earned(self) -> None:
+        """A result worth saving: at least one training step, finite weights. The callers save
+        only after fit() returns, so a failure here leaves any previous output untouched."""
+        if self.global_step == 0:
+            raise TrainingError(f"{self.desc}: no training step was taken ({self.epochs} epoch(s) of 0 batches: "
+                                "the training split is empty or smaller than a batch); nothing was saved")
+        bad = [k for k, v in self.eval_model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise NonFiniteLossError(f"{self.desc}: weights became non-finite ({bad[0]}"
+                                     f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); nothing was saved")
 
     def train_step(self, batch, loss_fn: Callable) -> dict:
         generator = step_generator(self.seed, self.global_step)
@@ -263,9 +322,13 @@ class Trainer:
             losses = loss_fn(self.train_model, batch, generator)
         loss = losses["loss"]
         if not torch.isfinite(loss).all():
+            path = self.out_dir / CHECKPOINT
+            kept = (f"the last good checkpoint is kept at {path} (resume with --resume after lowering --lr)"
+                    if path.is_file() else "no checkpoint was written yet (--checkpoint-every)")
+            lr = self.scheduler.get_last_lr()[0]
             raise NonFiniteLossError(
                 f"non-finite loss ({loss.item()}) at epoch {self.epoch + 1}, step {self.global_step}; "
-                f"the last good checkpoint is kept at {self.out_dir / CHECKPOINT}")
+                f"{kept}; learning rate {lr:.3g}; nothing was saved")
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -291,6 +354,24 @@ def epoch_index_batches(sampler, epoch: int, batch_size: int) -> list[torch.Tens
     if len(batches) > 1 and len(batches[-1]) < max(2, batch_size // 4):
         batches.pop()
     return batches
+
+
+def identity_mismatch(saved: dict | None, now: dict) -> str | None:
+    """How a checkpoint's run identity differs from this run's, in a few words, or None."""
+    if not saved:
+        return "it records no run identity (written by an older version)"
+    if saved.get("data_fingerprint") != now.get("data_fingerprint"):
+        return (f"data fingerprint {saved.get('data_fingerprint')} != {now.get('data_fingerprint')}: "
+                "the data changed")
+    old, new = saved.get("config", {}), now.get("config", {})
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if changed:
+        k = changed[0]
+        more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+        return f"config {k} was {old.get(k)!r}, now {new.get(k)!r}{more}"
+    if saved.get("model") != now.get("model"):
+        return "the model's parameter names or shapes differ"
+    return None
 
 
 def save_run_config(out_dir: str | Path, config: dict, info: dict) -> None:

@@ -27,12 +27,12 @@ from pathlib import Path
 import torch
 
 from .backbones import TeacherError
-from .data import DataError, load_course_folder, load_image_files
+from .data import DataError, load_course_folder, load_image_files, load_server_batch
 from .ensemble import load_ensemble, members_identity_logits
 from .estimates import oof_ensemble_log_probs, read_heldout, student_seen, teacher_seen
 from .export import PARITY_TOLERANCE, export_student
 from .files import expand_images, load_indices, sha256_file
-from .io import atomic_write_json, atomic_write_text, ensure_writable_dir
+from .io import atomic_write_json, atomic_write_text, ensure_writable_dir, output_problem
 from .metrics import model_cost
 from .student import ContractError, check_output, load_student_checked, student_classes, student_log_probs
 from .teachers import predict_logits
@@ -134,8 +134,8 @@ def _unique_names(folders: list[str]) -> list[str]:
 def cmd_grader(args) -> None:
     classes, _ = student_classes(args.weights)
     model = load_student_checked(args.arch, args.weights)   # fresh exec, strict CPU load, eval()
-    data = load_course_folder(args.data, classes=classes, progress=False)
-    x = data.grey.float() / 255                               # the WHOLE folder, ONE float32 batch
+    # np.array(Image.open(path)) -> the course's to_grayscale, as the server reads each image
+    x, labels = load_server_batch(args.data, classes)          # the WHOLE folder, ONE float32 batch
     try:
         with torch.no_grad():
             out = model(x)
@@ -143,7 +143,7 @@ def cmd_grader(args) -> None:
         raise ContractError(f"{args.arch}: forward pass failed on input {tuple(x.shape)} "
                             f"({type(err).__name__}: {err})") from None
     check_output(out, len(x), len(classes), args.arch)
-    correct = int((out.argmax(1) == data.labels).sum())
+    correct = int((out.argmax(1) == labels).sum())
     print(f"accuracy: {correct / len(x):.4f} ({correct}/{len(x)})", flush=True)
 
 
@@ -298,6 +298,10 @@ def main(argv: list[str] | None = None) -> None:
     if getattr(args, "latency_runs", 0) < 0:
         raise SystemExit("error: --latency-runs must be >= 0")
     try:
+        if getattr(args, "out", None) is not None:  # a folder, or a CSV / table file: checked before any work
+            problem = output_problem(args.out, is_dir=args.command in ("report", "export"))
+            if problem:
+                raise SystemExit(f"error: --out: {problem}")
         args.func(args)
     except DataError as err:  # also ContractError and TeacherError (subclasses)
         raise SystemExit(f"error: {err}") from None
@@ -306,4 +310,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run_main
+    run_main(main, resume_hint="nothing was written; run the command again")

@@ -145,17 +145,12 @@ def plot_learning_curve(history, path: Path, title: str = "") -> Path:
     accs = [c for c in history if c.startswith("val_") and c != "val_nll"]
     fig, axes = plt.subplots(1, 2 if accs else 1, figsize=(10 if accs else 5.5, 3.8), squeeze=False)
     x = history["epoch"] if "epoch" in history else np.arange(1, len(history) + 1)
-    for c in losses:
-        axes[0, 0].plot(x, history[c], marker="o", label=c)
-    axes[0, 0].set_xlabel("epoch")
-    axes[0, 0].set_ylabel("loss / NLL")
-    axes[0, 0].legend(fontsize=8)
-    axes[0, 0].grid(alpha=0.3)
-    for c in accs:
-        axes[0, 1].plot(x, history[c], marker="o", label=c)
-        axes[0, 1].set_xlabel("epoch")
-        axes[0, 1].set_ylabel("validation")
-        axes[0, 1].legend(fontsize=8)
-        axes[0, 1].grid(alpha=0.3)
+    for ax, columns, ylabel in zip(axes[0], (losses, accs), ("loss / NLL", "validation")):
+        for c in columns:
+            ax.plot(x, history[c], marker="o", label=c)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
     fig.suptitle(f"Learning curve {title}".strip(), fontsize=11)
     return _save(fig, path)

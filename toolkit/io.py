@@ -63,3 +63,24 @@ def atomic_write_text(text: str, path: str | Path) -> Path:
 
 def atomic_write_json(obj: Any, path: str | Path) -> Path:
     return atomic_write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", path)
+
+
+def output_problem(path: str | Path, is_dir: bool = False) -> str | None:
+    """What stops ``path`` (a file, or a folder when ``is_dir``) from being written, checked
+    before any work and without creating anything: a folder where a file goes (or the
+    reverse), a regular file among its parents; PermissionError (as ensure_writable_dir)
+    when the folder that would hold it is not writable. None if it can be written."""
+    path = Path(path)
+    if path.exists():
+        if is_dir and not path.is_dir():
+            return f"{path}: is a file, expected a folder"
+        if not is_dir and path.is_dir():
+            return f"{path}: is a folder, expected a file path"
+    folder = path if is_dir and path.is_dir() else path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{path}: cannot be created, {folder} is a file, not a folder"
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f"{folder}: output folder is not writable")
+    return None

@@ -44,6 +44,10 @@ def exec_architecture(path: str | Path = "architecture.py") -> dict:
         exec(compile(path.read_text(), str(path), "exec"), namespace)
     except ImportError as err:
         raise ContractError(f"{path}: {err}") from None
+    except SyntaxError as err:
+        raise ContractError(f"{path}:{err.lineno}: syntax error ({err.msg})") from None
+    except Exception as err:  # NameError, bad constructor arguments ... while building the model
+        raise ContractError(f"{path}: building the model failed ({type(err).__name__}: {err})") from None
     if not isinstance(namespace.get("model"), torch.nn.Module):
         raise ContractError(f"{path}: defines no 'model = MyCNN(...)' instance")
     return namespace

@@ -1,0 +1,414 @@
+"""Issue 13: every entry point checks its inputs before work starts.
+
+Each case runs one command in-process through toolkit.cli.run_main (exactly what
+``python distill.py ...`` runs) and asserts: the exit code (2: a bad flag or config value,
+1: found while running, 130: Ctrl-C), a one-line message naming the culprit, no traceback,
+and every pre-existing output (model.pth, teacher.pth, work-folder files, checkpoints)
+byte-identical afterwards. A few cases run as real subprocesses to prove the exit code and
+the absence of a traceback end to end.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import distill
+import pipeline
+import train_teacher
+from helpers_distill import (ROOT, TINY_SIZE, TINY_TEACHER, distill_argv, make_course_folder, student_state,
+                             subprocess_env, write_arch)
+from toolkit import evaluate
+from toolkit.cli import run_main
+from toolkit.data import load_course_folder
+from toolkit.splits import stratified_folds
+from toolkit.engine import CHECKPOINT
+
+MAINS = {"distill.py": distill.main, "train_teacher.py": train_teacher.main, "pipeline.py": pipeline.main,
+         "evaluate": evaluate.main}
+
+
+# ----------------------------------------------------------------------------------------
+# The setting: tiny folders shared by all cases, fresh sentinel outputs per case
+# ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("matrix")
+    data = make_course_folder(root / "data", counts={"book": 8, "car": 8, "cat": 8})
+    one_class = make_course_folder(root / "one_class", counts={"book": 8})
+    lone_car = make_course_folder(root / "lone_car", counts={"book": 6, "car": 2, "cat": 6})
+    arch = write_arch(root / "arch.py")
+    broken_arch = root / "broken_arch.py"
+    broken_arch.write_text(arch.read_text() + "\ndef oops(:\n")
+    return SimpleNamespace(root=root, data=data, one_class=one_class, lone_car=lone_car, arch=arch,
+                           broken_arch=broken_arch, cache=root / "cache")
+
+
+@pytest.fixture
+def case(world, tmp_path, monkeypatch):
+    """Per case: out/model.pth, teacher/teacher.pth and work/ files that must survive."""
+    monkeypatch.setenv("TOOLKIT_CACHE", str(world.cache))
+    c = SimpleNamespace(**vars(world), tmp=tmp_path, out=tmp_path / "out" / "model.pth", work=tmp_path / "work",
+                        teacher=tmp_path / "teacher", troot=tmp_path / "troot", monkeypatch=monkeypatch)
+    c.out.parent.mkdir()
+    torch.save(student_state(world.arch), c.out)
+    c.teacher.mkdir()
+    (c.teacher / "teacher.pth").write_bytes(b"a previous teacher")
+    c.work.mkdir()
+    (c.work / "log.json").write_text("[]\n")
+    c.troot.mkdir()
+    return c
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def run_command(capsys, entry: str, argv: list[str]) -> tuple[int, str]:
+    """(exit code, the whole error output) of one in-process command that must fail."""
+    capsys.readouterr()
+    try:
+        run_main(MAINS[entry], argv, prog=entry)
+    except SystemExit as stop:
+        err = capsys.readouterr().err
+        if isinstance(stop.code, str):  # printed by the interpreter at exit: rc 1
+            return 1, (err + stop.code).strip()
+        return stop.code, err.strip()
+    raise AssertionError(f"{entry} {' '.join(argv)}: the bad input was accepted")
+
+
+def assert_refused(capsys, c, entry, argv, code, *culprit):
+    before = snapshot(c.tmp)
+    rc, err = run_command(capsys, entry, [str(a) for a in argv])
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == code, (rc, err)
+    assert "Traceback" not in err
+    assert lines and (lines[-1].startswith("error: ") or lines[-1].startswith("interrupted: ")), err
+    message = lines[-1]
+    if code == 2:  # a config error is the only output
+        assert len(lines) == 1, err
+    for word in culprit:
+        assert str(word) in message, (word, message)
+    assert snapshot(c.tmp) == before, "a pre-existing output changed"
+    return message
+
+
+def d_argv(c, *extra, **flags):
+    flags = {"scratch": True, "epochs": 1, **flags}
+    return distill_argv(c.data, c.arch, c.out, c.work, **flags) + list(extra)
+
+
+def t_argv(c, *extra, data=None):
+    return ["--data", data or c.data, "--out", c.teacher, "--model", TINY_TEACHER, "--pretrained", "none",
+            "--input-size", TINY_SIZE, "--epochs", 1, "--batch-size", 8, "--folds", 3, "--fold", 0,
+            "--frozen-stages", 0, "--no-trunk-cache", "--checkpoint-every", 0, "--device", "cpu", *extra]
+
+
+def p_argv(c, *extra):
+    return ["--data", c.data, "--teachers-root", c.troot, "--out", c.out, "--work-dir", c.work,
+            "--report-dir", c.tmp / "report", "--pretrained", "none", "--teacher-recipes", f"{TINY_TEACHER}@{TINY_SIZE}", *extra]
+
+
+def write(c, name, text):
+    path = c.tmp / name
+    path.write_text(text)
+    return path
+
+
+# ----------------------------------------------------------------------------------------
+# Flags and config files: exit code 2, before any data or model is touched
+# ----------------------------------------------------------------------------------------
+CUDA = torch.cuda.is_available()
+DISTILL_FLAGS = [
+    (["--epochs", "0"], "--epochs"), (["--batch-size", "0"], "--batch-size"), (["--views", "0"], "--views"),
+    (["--max-shift", "-1"], "--max-shift"), (["--lr", "nan"], "--lr"), (["--lr", "-1"], "--lr"),
+    (["--lr", "inf"], "--lr"), (["--lr", "0"], "--lr"), (["--val-fold", "3"], "--val-fold"),
+    (["--val-fold", "-2"], "--val-fold"), (["--folds", "1"], "--folds"), (["--mode", "cahced"], "cached"),
+    (["--loss", "dsit"], "dist"), (["--optimizer", "adam"], "adamw"), (["--combine", "mean"], "mean_probs"),
+    (["--temperature", "0"], "--temperature"), (["--alpha", "1.5"], "--alpha"), (["--mixup", "-0.1"], "--mixup"),
+    (["--ema-decay", "1"], "--ema-decay"), (["--warmup-epochs", "-1"], "--warmup-epochs"),
+    (["--weight-decay", "nan"], "--weight-decay"), (["--epochs", "2.5"], "--epochs"),
+    (["--epochs", "abc"], "--epochs"), (["--device", "gpu0"], "--device"),
+    (["--student-init", "imagenet"], "--student-init"), (["--student-frozen-stages", "-1"], "--student-frozen-stages"),
+    (["--label-smoothing", "1"], "--label-smoothing"), (["--balance-power", "-1"], "--balance-power"),
+    (["--checkpoint-every", "-1"], "--checkpoint-every"), (["--teacher-weights", "-1"], "--teacher-weights"),
+    (["--epoch", "3"], "--epoch"), (["--mixup", "0.2"], "--mixup"), (["--split-seed", "-5"], "--split-seed"),
+]
+if not CUDA:
+    DISTILL_FLAGS.append((["--device", "cuda"], "--device"))
+
+
+@pytest.mark.parametrize("flags,culprit", DISTILL_FLAGS, ids=[" ".join(f) for f, _ in DISTILL_FLAGS])
+def test_distill_bad_flag(capsys, case, flags, culprit):
+    message = assert_refused(capsys, case, "distill.py", d_argv(case, *flags), 2, culprit)
+    if culprit in ("cached", "dist", "adamw", "mean_probs"):  # a typo lists the valid values
+        assert flags[0] in message and "choose from" in message
+
+
+TEACHER_FLAGS = [
+    (["--epochs", "0"], "--epochs"), (["--input-mode", "gray"], "'rgb', 'grey'"), (["--pretrained", "hubb"], "--pretrained"),
+    (["--fold", "3"], "--fold"), (["--exclude-folds", "1", "2"], "--exclude-folds"),
+    (["--exclude-folds", "7"], "--exclude-folds"), (["--input-size", "0"], "--input-size"),
+    (["--frozen-stages", "-1"], "--frozen-stages"), (["--cutmix", "-1"], "--cutmix"),
+    (["--model", "resnet5"], "--model"), (["--batch-size", "-3"], "--batch-size"), (["--lr", "nan"], "--lr"),
+    (["--optimizer", "adam"], "--optimizer"), (["--mode", "cached"], "--mode"),
+]
+
+
+@pytest.mark.parametrize("flags,culprit", TEACHER_FLAGS, ids=[" ".join(f) for f, _ in TEACHER_FLAGS])
+def test_train_teacher_bad_flag(capsys, case, flags, culprit):
+    assert_refused(capsys, case, "train_teacher.py", t_argv(case, *flags), 2, culprit)
+
+
+PIPELINE_FLAGS = [
+    (["--teacher-epochs", "0"], "--teacher-epochs"), (["--folds", "1"], "--folds"), (["--views", "0"], "--views"),
+    (["--pretrained", "x"], "--pretrained"), (["--teacher-recipes", "nope@160"], "--teacher-recipes"),
+    (["--teacher-recipes", "efficientnet_lite0@abc"], "--teacher-recipes"),
+    (["--teacher-recipes", "efficientnet_lite0@160:epochs=0"], "--teacher-recipes"),
+    (["--teacher-recipes", "efficientnet_lite0@160:input_mode=gray"], "--teacher-recipes"),
+    (["--student-epochs", "-1"], "--student-epochs"),
+]
+
+
+@pytest.mark.parametrize("flags,culprit", PIPELINE_FLAGS, ids=[" ".join(f) for f, _ in PIPELINE_FLAGS])
+def test_pipeline_bad_flag(capsys, case, flags, culprit):
+    assert_refused(capsys, case, "pipeline.py", p_argv(case, *flags), 2, culprit)
+
+
+# ---- output paths ------------------------------------------------------------------------
+def test_out_is_an_existing_folder(capsys, case):
+    assert_refused(capsys, case, "distill.py", d_argv(case, "--out", case.work), 2, "--out", "is a folder")
+
+
+def test_out_under_a_regular_file(capsys, case):
+    bad = case.out / "model.pth"  # model.pth is a file
+    assert_refused(capsys, case, "distill.py", d_argv(case, "--out", bad), 2, "--out", "is a file")
+
+
+def test_work_dir_is_a_file(capsys, case):
+    assert_refused(capsys, case, "distill.py", d_argv(case, "--work-dir", case.out), 2, "--work-dir",
+                   "expected a folder")
+
+
+def test_cache_location_is_a_file(capsys, case):
+    case.monkeypatch.setenv("TOOLKIT_CACHE", str(case.out))
+    assert_refused(capsys, case, "distill.py", d_argv(case), 2, "TOOLKIT_CACHE", "is a file")
+
+
+def test_teacher_out_is_a_file(capsys, case):
+    assert_refused(capsys, case, "train_teacher.py", t_argv(case, "--out", case.out), 2, "--out")
+
+
+def test_pipeline_out_is_a_folder(capsys, case):
+    assert_refused(capsys, case, "pipeline.py", p_argv(case, "--out", case.work), 2, "--out")
+
+
+def test_pipeline_report_dir_is_a_file(capsys, case):
+    assert_refused(capsys, case, "pipeline.py", p_argv(case, "--report-dir", case.out), 2, "--report-dir")
+
+
+def test_data_folder_missing(capsys, case):
+    assert_refused(capsys, case, "distill.py", d_argv(case, "--data", case.tmp / "nowhere"), 2, "--data", "nowhere")
+
+
+def test_evaluate_out_is_a_file(capsys, case):
+    assert_refused(capsys, case, "evaluate", ["report", "--data", case.data, "--out", case.out], 1, "--out",
+                   "expected a folder")
+
+
+def test_evaluate_predict_out_is_a_folder(capsys, case):
+    assert_refused(capsys, case, "evaluate", ["predict", "--images", case.data, "--out", case.work,
+                                              "--student", case.arch, case.out], 1, "--out")
+
+
+# ---- config files ------------------------------------------------------------------------
+CONFIGS = [
+    ("broken_yaml", "epochs: [1, 2\nlr: 0.1\n", "not valid YAML"),
+    ("float_for_int", "epochs: 2.5\n", "epochs: expected an integer"),
+    ("string_for_list", "teachers: teachers/f0\n", "teachers: expected a list"),
+    ("unknown_key", "epoch: 3\n", "unknown keys ['epoch']"),
+    ("not_a_mapping", "- epochs\n- 3\n", "expected 'field: value'"),
+    ("out_of_range", "epochs: 0\n", "epochs: must be >= 1"),
+    ("bad_choice", "mode: cahced\n", "mode: invalid choice"),
+    ("string_for_bool", "scratch: maybe\n", "scratch: expected true or false"),
+    ("nan", "lr: .nan\n", "lr: must be a finite number"),
+]
+
+
+@pytest.mark.parametrize("name,text,what", CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_distill_bad_config_file(capsys, case, name, text, what):
+    path = write(case, f"{name}.yaml", text)
+    # the culprit file first: its values are defaults, so the argv's own flags are left out
+    argv = ["--config", path, "--data", case.data, "--arch", case.arch, "--out", case.out, "--work-dir", case.work]
+    assert_refused(capsys, case, "distill.py", argv, 2, str(path), what)
+
+
+def test_config_file_missing(capsys, case):
+    assert_refused(capsys, case, "distill.py", d_argv(case, "--config", case.tmp / "nope.yaml"), 2, "nope.yaml",
+                   "not found")
+
+
+def test_teacher_config_float_for_int(capsys, case):
+    path = write(case, "t.yaml", "batch_size: 1.5\n")
+    assert_refused(capsys, case, "train_teacher.py", ["--config", path, *t_argv(case)[:4]], 2, str(path), "batch_size")
+
+
+def test_teacher_config_string_for_list(capsys, case):
+    path = write(case, "t.yaml", "exclude_folds: '1'\n")
+    assert_refused(capsys, case, "train_teacher.py", ["--config", path, *t_argv(case)[:4]], 2, str(path),
+                   "exclude_folds")
+
+
+# ----------------------------------------------------------------------------------------
+# Found while running: exit code 1, previous outputs untouched
+# ----------------------------------------------------------------------------------------
+def test_architecture_with_syntax_error(capsys, case):
+    assert_refused(capsys, case, "distill.py", d_argv(case, "--arch", case.broken_arch), 1, "broken_arch.py")
+
+
+def test_distill_single_class_data(capsys, case):
+    assert_refused(capsys, case, "distill.py", d_argv(case, "--data", case.one_class), 1, "one_class",
+                   "only one class")
+
+
+def test_teacher_single_class_data(capsys, case):
+    assert_refused(capsys, case, "train_teacher.py", t_argv(case, data=case.one_class), 1, "one_class",
+                   "only one class")
+
+
+def test_teacher_class_without_training_images(capsys, case):
+    data = load_course_folder(case.lone_car, progress=False)
+    folds = stratified_folds(data.labels, 3, 0)
+    car_folds = sorted(set(folds[data.labels == data.classes.index("car")].tolist()))
+    assert len(car_folds) == 2
+    argv = t_argv(case, "--fold", car_folds[0], "--exclude-folds", car_folds[1], data=case.lone_car)
+    assert_refused(capsys, case, "train_teacher.py", argv, 1, "lone_car", "'car' has no training images")
+
+
+def test_grader_refuses_rgba_as_the_server_does(capsys, case):
+    folder = case.tmp / "rgba"
+    make_course_folder(folder, counts={"book": 2, "car": 2})
+    Image.new("RGBA", (60, 48), (10, 20, 30, 128)).save(folder / "0001.png")
+    (folder / "0001.jpg").unlink()
+    (folder / "labels.csv").write_text((folder / "labels.csv").read_text().replace("0001.jpg", "0001.png"))
+    assert_refused(capsys, case, "evaluate", ["grader", "--data", folder, "--arch", case.arch, "--weights", case.out],
+                   1, "0001.png", "(H, W, 4)")
+
+
+def test_grader_data_missing(capsys, case):
+    assert_refused(capsys, case, "evaluate", ["grader", "--data", case.tmp / "nowhere", "--arch", case.arch,
+                                              "--weights", case.out], 1, "nowhere")
+
+
+def test_nan_loss_is_one_line_and_keeps_model(capsys, case, monkeypatch):
+    monkeypatch.setattr(distill, "label_smoothing_ce", lambda logits, y, s: (logits * float("nan")).sum())
+    assert_refused(capsys, case, "distill.py", d_argv(case), 1, "non-finite loss", "no checkpoint was written yet")
+
+
+def test_ctrl_c_is_one_line_saying_how_to_resume(capsys, case, monkeypatch):
+    import toolkit.engine as E
+
+    def interrupt(self, *args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(E.Trainer, "train_step", interrupt)
+    message = assert_refused(capsys, case, "distill.py", d_argv(case), 130)
+    assert "python distill.py" in message and message.endswith("--resume")
+
+
+# ---- --resume ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def finished(world, tmp_path_factory):
+    """A finished 1-epoch scratch run whose work folder holds a checkpoint."""
+    root = tmp_path_factory.mktemp("finished")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TOOLKIT_CACHE", str(world.cache))
+        distill.main(distill_argv(world.data, world.arch, root / "model.pth", root / "work", scratch=True, epochs=1))
+    assert (root / "work" / CHECKPOINT).is_file()
+    return root / "work"
+
+
+def resume_case(c, finished):
+    shutil.rmtree(c.work)
+    shutil.copytree(finished, c.work)
+    return d_argv(c, "--resume")
+
+
+def test_resume_after_data_changed(capsys, case, finished):
+    argv = resume_case(case, finished)
+    changed = case.tmp / "data2"
+    shutil.copytree(case.data, changed)
+    Image.new("RGB", (60, 48), (1, 2, 3)).save(changed / "0000.jpg")
+    assert_refused(capsys, case, "distill.py", argv + ["--data", changed], 1, CHECKPOINT, "the data changed")
+
+
+def test_resume_after_config_changed(capsys, case, finished):
+    argv = resume_case(case, finished) + ["--lr", "0.1"]
+    assert_refused(capsys, case, "distill.py", argv, 1, CHECKPOINT, "config lr was 0.3, now 0.1")
+
+
+def test_resume_after_model_changed(capsys, case, finished):
+    wide = write_arch(case.tmp / "wide.py", widths=(16, 16, 32, 32))
+    argv = resume_case(case, finished) + ["--arch", wide]
+    assert_refused(capsys, case, "distill.py", argv, 1, CHECKPOINT, "parameter names or shapes differ")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "text", "not_a_checkpoint"])
+def test_resume_from_corrupt_checkpoint(capsys, case, finished, damage):
+    argv = resume_case(case, finished)
+    ckpt = case.work / CHECKPOINT
+    if damage == "truncated":
+        ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    elif damage == "text":
+        ckpt.write_text("hello")
+    else:
+        torch.save({"weights": torch.zeros(3)}, ckpt)
+    assert_refused(capsys, case, "distill.py", argv, 1, CHECKPOINT, "cannot be read")
+
+
+def test_resume_of_the_same_run_is_accepted(case, finished, capsys):
+    """The control: the matching run resumes (its finished checkpoint: no new step) and saves."""
+    argv = resume_case(case, finished)
+    run_main(distill.main, [str(a) for a in argv], prog="distill.py")
+    assert "resumed" in capsys.readouterr().out
+
+
+def test_zero_training_steps_save_nothing(tmp_path):
+    """A run that takes no step raises before its caller saves anything."""
+    from toolkit.engine import Trainer, TrainingError, warmup_cosine
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    trainer = Trainer(net, opt, warmup_cosine(opt, 1, 0), tmp_path, epochs=1, seed=0, checkpoint_every=0)
+    with pytest.raises(TrainingError, match="no training step"):
+        trainer.fit(lambda epoch: [], lambda *a: {"loss": torch.zeros(())}, lambda m: {})
+
+
+# ----------------------------------------------------------------------------------------
+# Real processes: exit code and no traceback, end to end
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("script,argv,code,culprit", [
+    ("distill.py", ["--mode", "cahced"], 2, "--mode"),
+    ("train_teacher.py", ["--epochs", "0"], 2, "--epochs"),
+    ("pipeline.py", ["--folds", "1"], 2, "--folds"),
+])
+def test_command_line_exit_code_and_one_line(case, script, argv, code, culprit):
+    before = snapshot(case.tmp)
+    base = {"distill.py": d_argv(case), "train_teacher.py": t_argv(case), "pipeline.py": p_argv(case)}[script]
+    proc = subprocess.run([sys.executable, script, *map(str, base), *argv], cwd=ROOT, capture_output=True, text=True,
+                          env=subprocess_env(case.cache), timeout=120)
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {culprit}:"), proc.stderr
+    assert snapshot(case.tmp) == before
+
+
+def test_matrix_size():
+    """The issue asks for at least 60 bad inputs across the entry points."""
+    assert len(DISTILL_FLAGS) + len(TEACHER_FLAGS) + len(PIPELINE_FLAGS) + len(CONFIGS) >= 60
