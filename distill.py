@@ -26,13 +26,13 @@ import torch
 from toolkit.augment import apply_views, mixup_cutmix, random_view_params, sample_view_params
 from toolkit.cli import run_main
 from toolkit.config import check_device, option, parse_config
-from toolkit.data import check_split, load_course_folder
-from toolkit.engine import (epoch_index_batches, init_distributed, make_trainer, run_info,
-                            save_run_config, seed_everything, val_metrics)
+from toolkit.data import load_course_folder
+from toolkit.distributed import init_distributed
+from toolkit.engine import epoch_index_batches, make_trainer, run_info, save_run_config, seed_everything, val_metrics
 from toolkit.ensemble import ensemble_on_val, load_ensemble, view_soft_targets
 from toolkit.io import atomic_save, atomic_write_json, ensure_writable_dir
 from toolkit.losses import dist_loss, kd_loss, label_smoothing_ce
-from toolkit.splits import ClassBalancedSampler, fold_split
+from toolkit.splits import ClassBalancedSampler, check_split, fold_split
 from toolkit.student import (ContractError, check_state_dict_matches, exec_architecture, init_student_weights,
                              student_trunk_features)
 

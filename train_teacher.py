@@ -21,11 +21,11 @@ import torch
 from toolkit.augment import apply_views, mixup_cutmix, random_view_params, sample_view_params, trivial_augment
 from toolkit.cli import run_main
 from toolkit.config import check_device, check_timm_model, option, parse_config
-from toolkit.data import check_split, load_course_folder
-from toolkit.engine import (epoch_index_batches, init_distributed, make_trainer, run_info,
-                            save_run_config, seed_everything, val_metrics)
+from toolkit.data import load_course_folder
+from toolkit.distributed import init_distributed
+from toolkit.engine import epoch_index_batches, make_trainer, run_info, save_run_config, seed_everything, val_metrics
 from toolkit.losses import label_smoothing_ce, soft_cross_entropy
-from toolkit.splits import ClassBalancedSampler, fold_split
+from toolkit.splits import ClassBalancedSampler, check_split, fold_split
 from toolkit.teachers import build_teacher, save_teacher
 from toolkit.trunk import TrunkSplit, cached_trunk_features, teacher_trunk_key, trunk_cache_path
 

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from conftest import synthetic_image, write_labels
-from toolkit.data import (DataError, course_to_grayscale, decode_image, fit_to_square, load_course_folder,
-                          load_server_batch, read_server_image, rgb_to_server_grey)
+from toolkit.data import DataError, decode_image, fit_to_square, load_course_folder, rgb_to_server_grey
+from toolkit.grader import course_to_grayscale, load_server_batch, read_server_image
 
 
 def reference_to_grayscale(pil_image: np.ndarray) -> np.ndarray:

@@ -42,7 +42,7 @@ def run_main(main: Callable, argv: list[str] | None = None, resume_hint: str = "
     setup_logging()  # the library's progress lines (per-epoch rows, cache notes) on stdout
     try:
         main(argv)
-        from .engine import finish_distributed
+        from .distributed import finish_distributed
         finish_distributed()
     except ConfigError as err:
         print(f"error: {one_line(err)}", file=sys.stderr, flush=True)

@@ -112,7 +112,7 @@ def decode_image(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 # What the server reads exactly like we do: 8-bit RGB and grey. Any other mode (palette,
 # RGBA, LA, CMYK, 16-bit, 1-bit) is converted sensibly for training and predict, and said so;
-# the grader path (read_server_image) reads it as the server does instead.
+# the grader path (toolkit.grader) reads it as the server does instead.
 EXACT_MODES = ("RGB", "L")
 
 
@@ -133,89 +133,6 @@ def _decode_image(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
     if rgb.shape[0] < 1 or rgb.shape[1] < 1:
         raise DataError(f"{path}: image has no pixels")
     return fit_to_square(rgb_to_server_grey(rgb)), fit_to_square(rgb), mode
-
-
-# ----------------------------------------------------------------------------------------
-# The course's own reading, for the grader: np.array(Image.open(path)) -> to_grayscale
-# ----------------------------------------------------------------------------------------
-def course_to_grayscale(pil_image: np.ndarray) -> np.ndarray:
-    """The course's ``to_grayscale``, transcribed: a 2-D array passes unchanged (so a palette
-    PNG stays raw palette indices, 16-bit and 1-bit arrays keep their values); an (H, W, 3)
-    array gets sRGB -> linear -> Rec.709 luminance -> sRGB, x255 (rounded for integer dtypes)
-    in its own dtype; any other shape (RGBA, LA, CMYK ...) is a ValueError."""
-    if pil_image.ndim == 2:
-        return pil_image.copy()
-    if pil_image.ndim != 3:
-        raise ValueError("image must have either shape (H, W) or (H, W, 3)")
-    if pil_image.shape[2] != 3:
-        raise ValueError(f"image has shape (H, W, {pil_image.shape[2]}), but it should have (H, W, 3)")
-    rgb = pil_image / 255
-    rgb_linear = np.where(rgb < 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
-    grey_linear = 0.2126 * rgb_linear[..., 0] + 0.7152 * rgb_linear[..., 1] + 0.0722 * rgb_linear[..., 2]
-    grey = np.where(grey_linear < 0.0031308, grey_linear * 12.92, 1.055 * grey_linear ** (1 / 2.4) - 0.055)
-    grey = grey * 255
-    if np.issubdtype(pil_image.dtype, np.integer):
-        grey = np.round(grey)
-    return grey.astype(pil_image.dtype)
-
-
-def read_server_image(path: str | Path) -> np.ndarray:
-    """One image exactly as the server reads it: (100, 100) float32 = to_grayscale(np.array(
-    Image.open(path))) with the server's crop / edge pad, / 255. DataError naming the file
-    when the course's code would refuse it (e.g. RGBA: (H, W, 4))."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: image file is missing")
-    try:
-        with Image.open(path) as img:
-            arr = np.array(img)
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
-    try:
-        grey = course_to_grayscale(arr)
-    except ValueError as err:
-        raise DataError(f"{path}: the server's to_grayscale refuses it (ValueError: {err})") from None
-    return fit_to_square(grey).astype(np.float32) / 255
-
-
-def load_server_batch(folder: str | Path, classes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A labelled folder as the grading server sees it: (N, 1, 100, 100) float32 and (N,) labels
-    (ids in ``classes``); no cache and no conversion beyond the server's own."""
-    folder = Path(folder).resolve()
-    rows = read_labels(folder)
-    class_id = {c: i for i, c in enumerate(classes)}
-    for name, label in rows:
-        if label not in class_id:
-            line = _line_of_name(folder / "labels.csv", name)
-            raise DataError(f"{folder / 'labels.csv'}:{line}: unknown class {label!r} for {name!r} "
-                            f"(known: {', '.join(classes)})")
-    x = torch.from_numpy(np.stack([read_server_image(folder / name) for name, _ in rows]))[:, None]
-    return x, torch.tensor([class_id[label] for _, label in rows], dtype=torch.int64)
-
-
-def check_split(data: "CourseData", train_idx: torch.Tensor, val_idx: torch.Tensor, val_fold: int,
-                every_class: bool) -> None:
-    """DataError unless the split can train a classifier: some training images of at least two
-    classes (``every_class``: of every class), and images in the held-out fold when there is one."""
-    where = data.folder or "data"
-    present = sorted(set(data.labels[train_idx].tolist()))
-    if len(train_idx) == 0:
-        raise DataError(f"{where}: no training images left (the held-out and excluded folds hold all "
-                        f"{len(data)}); use fewer --exclude-folds or another --fold")
-    if len(set(data.labels.tolist())) < 2:
-        raise DataError(f"{where}: only one class ({data.classes[int(data.labels[0])]!r}); "
-                        "a classifier needs images of at least two classes")
-    if len(present) < 2:
-        raise DataError(f"{where}: the training split holds only class {data.classes[present[0]]!r}")
-    if every_class:
-        counts = torch.bincount(data.labels, minlength=len(data.classes))
-        missing = [c for i, c in enumerate(data.classes) if i not in present]
-        if missing:
-            c = data.classes.index(missing[0])
-            raise DataError(f"{where}: class {missing[0]!r} has no training images ({int(counts[c])} in all, "
-                            f"every one in the held-out or excluded folds)")
-    if val_fold >= 0 and len(val_idx) == 0:
-        raise DataError(f"{where}: held-out fold {val_fold} holds no images ({len(data)} images in all)")
 
 
 # ----------------------------------------------------------------------------------------

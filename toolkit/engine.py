@@ -1,7 +1,7 @@
 """The training engine shared by train_teacher.py and distill.py.
 
-Devices (CUDA / MPS / CPU), torchrun DDP, AMP (CUDA only), warm-up + cosine schedule, EMA
-weights, atomic checkpoints with step-exact resume, a non-finite-loss guard and one log row per
+The loop under torchrun DDP (toolkit.distributed), AMP (CUDA only), warm-up + cosine schedule,
+EMA weights, atomic checkpoints with step-exact resume, a non-finite-loss guard and one log row per
 epoch; ``make_trainer`` and ``val_metrics`` are the set-up and the val metrics both scripts share.
 
 Determinism: every step draws its randomness from a generator seeded by (seed, global step),
@@ -14,23 +14,21 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import platform
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
+from .distributed import DistEnv
 from .io import atomic_save, atomic_write_json
 from .runlog import write_run_summary
 
@@ -65,54 +63,8 @@ def run_identity(config: dict, fingerprint: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------
-# Devices and DDP
+# Seeds and run records
 # ----------------------------------------------------------------------------------------
-@dataclass
-class DistEnv:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
-def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank)
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def init_distributed(device_name: str = "auto") -> tuple[DistEnv, torch.device]:
-    """Read torchrun's environment; start the process group (NCCL on CUDA, gloo otherwise)."""
-    env = DistEnv(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                  int(os.environ.get("LOCAL_RANK", 0)))
-    device = resolve_device(device_name, env.local_rank)
-    if env.enabled and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-    return env, device
-
-
-def finish_distributed() -> None:
-    """Leave the process group cleanly: without this, a rank can exit while gloo's background
-    threads still run and abort ("terminate called without an active exception"), which
-    torchrun reports as a failed run although every rank finished its work."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

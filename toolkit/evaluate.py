@@ -27,11 +27,12 @@ from pathlib import Path
 import torch
 
 from .backbones import TeacherError
-from .data import DataError, load_course_folder, load_image_files, load_server_batch
+from .data import DataError, load_course_folder, load_image_files
 from .ensemble import load_ensemble, members_identity_logits
 from .estimates import oof_ensemble_log_probs, read_heldout, student_seen, teacher_seen
 from .export import PARITY_TOLERANCE, export_student
 from .files import expand_images, load_indices, sha256_file
+from .grader import load_server_batch
 from .io import atomic_write_json, atomic_write_text, ensure_writable_dir, output_problem
 from .metrics import model_cost
 from .student import ContractError, check_output, load_student_checked, student_classes, student_log_probs

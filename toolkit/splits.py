@@ -6,6 +6,8 @@ import random
 
 import torch
 
+from .data import DataError
+
 
 def fold_split(labels: torch.Tensor, k: int, seed: int, val_fold: int, exclude_folds=()
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -85,3 +87,28 @@ class ClassBalancedSampler(torch.utils.data.Sampler):
         drawn = torch.multinomial(self.weights, self.per_rank * self.world_size, True, generator=g)
         mine = drawn[self.rank::self.world_size]
         return iter(self.indices[mine].tolist())
+
+
+def check_split(data, train_idx: torch.Tensor, val_idx: torch.Tensor, val_fold: int,
+                every_class: bool) -> None:
+    """DataError unless the split can train a classifier: some training images of at least two
+    classes (``every_class``: of every class), and images in the held-out fold when there is one."""
+    where = data.folder or "data"
+    present = sorted(set(data.labels[train_idx].tolist()))
+    if len(train_idx) == 0:
+        raise DataError(f"{where}: no training images left (the held-out and excluded folds hold all "
+                        f"{len(data)}); use fewer --exclude-folds or another --fold")
+    if len(set(data.labels.tolist())) < 2:
+        raise DataError(f"{where}: only one class ({data.classes[int(data.labels[0])]!r}); "
+                        "a classifier needs images of at least two classes")
+    if len(present) < 2:
+        raise DataError(f"{where}: the training split holds only class {data.classes[present[0]]!r}")
+    if every_class:
+        counts = torch.bincount(data.labels, minlength=len(data.classes))
+        missing = [c for i, c in enumerate(data.classes) if i not in present]
+        if missing:
+            c = data.classes.index(missing[0])
+            raise DataError(f"{where}: class {missing[0]!r} has no training images ({int(counts[c])} in all, "
+                            f"every one in the held-out or excluded folds)")
+    if val_fold >= 0 and len(val_idx) == 0:
+        raise DataError(f"{where}: held-out fold {val_fold} holds no images ({len(data)} images in all)")
