@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set everything up and run the test suite (fast tests; add -m slow for the end-to-end ones).
+# Set everything up and run the test suite (fast tests; add -m slow for the end-to-end ones),
+# with the 15 slowest tests listed.
 set -euo pipefail
 cd "$(dirname "$0")"
-source scripts/setup_env.sh
-python -m pytest -q "$@"
+REQUIREMENTS=requirements-test.txt source scripts/setup_env.sh
+python -m pytest -q --durations=15 "$@"

@@ -102,8 +102,12 @@ def test_random_wrappers_shapes_dtypes_determinism():
         b = fn(torch.Generator().manual_seed(0))
         assert a.shape == x.shape and a.dtype == torch.uint8 and torch.equal(a, b)
     flipped = batch_flip_lr(x, torch.Generator().manual_seed(0))
-    for b in range(8):  # each sample is either itself or its mirror
-        assert torch.equal(flipped[b], x[b]) or torch.equal(flipped[b], x[b].flip(2))
+    mirrored = [not torch.equal(flipped[b], x[b]) for b in range(8)]
+    for b in range(8):  # each sample is either itself or its mirror ...
+        assert torch.equal(flipped[b], x[b].flip(2) if mirrored[b] else x[b])
+    assert 0 < sum(mirrored) < 8  # ... and both happen (a no-op flip fails here)
+    shifted = batch_random_translate(x, 2, torch.Generator().manual_seed(1))
+    assert sum(not torch.equal(shifted[b], x[b]) for b in range(8)) >= 4  # most samples move
     assert torch.equal(batch_random_translate(x, 0, torch.Generator().manual_seed(1)), x)
 
 
@@ -128,6 +132,7 @@ def test_mixup_targets_are_convex_combinations_matching_pixels():
     assert xm.shape == x.shape and ym.shape == (6, 5) and ym.dtype == torch.float32
     assert torch.allclose(ym.sum(1), torch.ones(6)) and (ym >= 0).all()
     onehot = torch.nn.functional.one_hot(y, 5).float()
+    lams = []
     for i in range(6):  # find the partner j and lambda from the pixels, check the targets
         fits = []
         for j in range(6):
@@ -140,6 +145,8 @@ def test_mixup_targets_are_convex_combinations_matching_pixels():
         assert fits, f"row {i} is not a mix of two inputs"
         assert any(torch.allclose(ym[i], lam * onehot[i] + (1 - lam) * onehot[j], atol=1e-5)
                    for j, lam in fits)
+        lams.append(max(lam for _, lam in fits))
+    assert any(0.05 < lam < 0.95 for lam in lams), lams  # the rows are really mixed (not a no-op)
 
 
 def test_cutmix_targets_equal_pixel_fractions_and_soft_inputs():
@@ -148,6 +155,8 @@ def test_cutmix_targets_equal_pixel_fractions_and_soft_inputs():
     xm, ym = mixup_cutmix(x, probs, 4, mixup_alpha=0.0, cutmix_alpha=1.0,
                           generator=torch.Generator().manual_seed(3))
     assert torch.allclose(ym.sum(1), torch.ones(6), atol=1e-6)
+    owns = [(xm[i] == x[i]).all(0).float().mean().item() for i in range(6)]
+    assert any(0 < own < 1 for own in owns), owns  # boxes were really pasted (not a no-op)
     for i in range(6):
         own = (xm[i] == x[i]).all(0).float().mean().item()  # fraction of own pixels
         others = [j for j in range(6) if j != i and ((xm[i] == x[i]) | (xm[i] == x[j])).all()]
@@ -179,10 +188,17 @@ def test_mixup_cutmix_deterministic_and_leaves_global_rng_alone():
 def test_trivial_augment_runs_and_is_deterministic(channels):
     x = rand_uint8(8, channels, 100, 100, seed=channels)
     state = torch.get_rng_state()
+    changed, outputs = 0, []
     for seed in range(4):  # 4 x 8 chunks: exercises most of the op space
         a = trivial_augment(x, torch.Generator().manual_seed(seed))
         assert a.shape == x.shape and a.dtype == torch.uint8
         assert torch.equal(a, trivial_augment(x, torch.Generator().manual_seed(seed)))
+        changed += sum(not torch.equal(a[b], x[b]) for b in range(len(x)))
+        outputs.append(a)
+    # it really augments: most images change (some ops, e.g. identity, may leave one as it is),
+    # and another seed gives another batch
+    assert changed >= 0.6 * 4 * len(x), changed
+    assert not torch.equal(outputs[0], outputs[1])
     assert torch.equal(torch.get_rng_state(), state)
     with pytest.raises(ValueError):
         trivial_augment(to_float(x))

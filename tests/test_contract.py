@@ -141,6 +141,7 @@ print(json.dumps({"shape": list(out.shape), "finite": bool(torch.isfinite(out).a
 """
 
 
+@pytest.mark.slow  # end to end at the server's scale: a 6,000-image batch in a fresh process (~30 s)
 def test_6000_image_batch_peak_memory(capsys):
     proc = subprocess.run([sys.executable, "-c", BIG_BATCH_SCRIPT, str(ARCH), str(WEIGHTS)],
                           capture_output=True, text=True, timeout=900, cwd=REPO)

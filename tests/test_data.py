@@ -172,6 +172,7 @@ def test_stale_cache_with_other_fingerprint_is_not_used(make_course, cache_dir, 
     assert rebuilt and torch.equal(data.grey, good.grey)
 
 
+@pytest.mark.slow  # end to end on all 9,985 shared JPEGs: a timing, not a correctness check
 def test_shared_data_decode_and_cache_timing(shared_data, tmp_path, capsys, spy):
     cache = tmp_path / "cache"
     try:

@@ -405,13 +405,13 @@ def test_report_leads_with_out_of_fold_and_held_out_figures(folder, weights, tmp
     from toolkit.teachers import build_teacher, predict_logits, save_teacher
     import timm
     name = "test_efficientnet" if timm.is_model("test_efficientnet") else "resnet10t"
+    data = load_course_folder(folder, classes=CLASSES, progress=False)
     dirs = []
     for fold in (0, 1):
         torch.manual_seed(fold + 1)
         t = build_teacher(name, CLASSES, "rgb", 64, pretrained="none")
-        dirs.append(save_teacher(tmp_path / f"t{fold}", t, config={"fold": fold, "folds": 2, "seed": 0},
-                                 metrics={}, pretrained="none").parent)
-    data = load_course_folder(folder, classes=CLASSES, progress=False)
+        config = {"fold": fold, "folds": 2, "seed": 0, "data_fingerprint": data.fingerprint}
+        dirs.append(save_teacher(tmp_path / f"t{fold}", t, config=config, metrics={}, pretrained="none").parent)
     folds = stratified_folds(data.labels, 2, 0)
     from toolkit.teachers import load_teacher
     correct = {f: (predict_logits(load_teacher(d), data.rgb).argmax(1) == data.labels)[folds == f]
@@ -447,6 +447,14 @@ def test_report_leads_with_out_of_fold_and_held_out_figures(folder, weights, tmp
     sections = re.findall(r"^## (.*)$", text, flags=re.M)
     assert sections[0].startswith("Honest estimates") and sections[1].startswith("All evaluated images")
     assert "0.8655" in text.split("## All evaluated")[0]
+
+    # another folder: the teachers' and the student's fold splits say nothing about it
+    other = make_folder(tmp_path / "other", [USED[i % len(USED)] for i in range(8)], seed=5)
+    main(["report", "--data", str(other), "--arch", str(ARCH), "--weights", str(w), "--teachers", *map(str, dirs),
+          "--out", str(tmp_path / "r_other"), "--latency-runs", "0"])
+    m = json.loads((tmp_path / "r_other" / "metrics.json").read_text())
+    assert m["honest"] == [] and set(m["seen_fraction"].values()) == {None}
+    assert "'-': unknown" in (tmp_path / "r_other" / "report.md").read_text()
 
     bad = tmp_path / "pipeline.provenance.json"
     bad.write_text(json.dumps({"val_fold": -1, "student_val": {}, "config": {}}))

@@ -21,10 +21,14 @@ from .splits import stratified_folds
 from .ensemble import teacher_saw
 
 
-def teacher_seen(teachers: list, labels: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """(M, n) bool: teacher m trained on evaluated image idx[j] (from its k-fold config)."""
-    dummy = torch.zeros(len(labels), dtype=torch.int64)  # used only when a config has no k-fold
-    return torch.stack([teacher_saw(t, dummy, labels)[idx] for t in teachers])
+def teacher_seen(teachers: list, data: CourseData, idx: torch.Tensor) -> list[torch.Tensor | None]:
+    """Per teacher, (n,) bool: it trained on evaluated image idx[j], from the k-fold recorded in
+    its config; None when unknown (its config names no data fingerprint, or other data: a fold
+    split of another folder says nothing about this one)."""
+    dummy = torch.zeros(len(data), dtype=torch.int64)  # used only when a config has no k-fold
+    return [teacher_saw(t, dummy, data.labels)[idx]
+            if getattr(t, "config", {}).get("data_fingerprint") == data.fingerprint else None
+            for t in teachers]
 
 
 def student_seen(weights: str | Path, data: CourseData, idx: torch.Tensor) -> torch.Tensor | None:

@@ -78,10 +78,13 @@ def cmd_report(args) -> None:
     member = members_identity_logits(teachers, data.rgb, data.fingerprint, idx, args.batch_size)
     e_lp = ensemble.combine_logits(member)
     teacher_names = _unique_names([t.folder for t in teachers])
-    t_seen = teacher_seen(teachers, data.labels, idx)                         # (M, n) bool
-    oof_lp, oof_covered = oof_ensemble_log_probs(member, ensemble.weights, t_seen, ensemble.combine)
-    seen = {"student": student_seen(args.weights, data, idx), "ensemble": t_seen.any(0).numpy(),
-            **{f"teacher:{n}": s.numpy() for n, s in zip(teacher_names, t_seen)}}
+    t_seen = teacher_seen(teachers, data, idx)                                 # M x (n,) bool or None
+    known = all(s is not None for s in t_seen)  # else no honest ensemble figure: any may have seen an image
+    oof_lp, oof_covered = (oof_ensemble_log_probs(member, ensemble.weights, torch.stack(t_seen), ensemble.combine)
+                           if known else (None, None))
+    seen = {"student": student_seen(args.weights, data, idx),
+            "ensemble": torch.stack(t_seen).any(0).numpy() if known else None,
+            **{f"teacher:{n}": None if s is None else s.numpy() for n, s in zip(teacher_names, t_seen)}}
     heldout = [read_heldout(p) for p in args.heldout or []]
     timings["teachers"] = _stage(f"teacher predictions ({len(teachers)})", t0)
 
@@ -110,7 +113,8 @@ def cmd_report(args) -> None:
                        student_lp=s_lp.numpy(), ensemble_lp=e_lp.numpy(),
                        teacher_lps={n: m.numpy() for n, m in zip(teacher_names, member)},
                        meta=meta, efficiency=efficiency, timings=timings, max_examples=args.max_examples,
-                       seen=seen, oof_ensemble_lp=oof_lp.numpy(), oof_covered=oof_covered.numpy(),
+                       seen=seen, oof_ensemble_lp=None if oof_lp is None else oof_lp.numpy(),
+                       oof_covered=None if oof_covered is None else oof_covered.numpy(),
                        heldout=heldout)
     _stage("metrics, figures, report.md, metrics.json", t0)
     s, e = doc["predictors"]["student"], doc["predictors"]["ensemble"]
