@@ -21,12 +21,14 @@ import csv
 import datetime
 import io
 import logging
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from .backbones import TeacherError
+from .config import ConfigError, ConfigParser
 from .data import DataError, load_course_folder, load_image_files
 from .ensemble import load_ensemble, members_identity_logits
 from .estimates import oof_ensemble_log_probs, read_heldout, student_seen, teacher_seen
@@ -224,8 +226,9 @@ def cmd_compare(args) -> None:
 # ----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(prog="toolkit-evaluate", description=__doc__.split("\n")[0],
-                                     formatter_class=fmt)
+    # one-line errors ("error: --flag: ..."), no guessing of abbreviated flags; subparsers inherit both
+    parser = ConfigParser(prog="toolkit-evaluate", description=__doc__.split("\n")[0], formatter_class=fmt,
+                          allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def student_args(p):
@@ -292,7 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     from .runlog import setup_logging
     setup_logging()
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     for name in ("batch_size", "n_check", "latency_threads"):
         if getattr(args, name, 1) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
