@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -379,6 +380,44 @@ def test_resume_of_the_same_run_is_accepted(case, finished, capsys):
     assert "resumed" in capsys.readouterr().out
 
 
+@pytest.fixture(scope="module")
+def finished_teacher(world, tmp_path_factory):
+    """A finished 1-epoch teacher folder (teacher.pth + checkpoint.pth)."""
+    out = tmp_path_factory.mktemp("finished_teacher") / "t"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TOOLKIT_CACHE", str(world.cache))
+        c = SimpleNamespace(data=world.data, teacher=out)
+        train_teacher.main([str(a) for a in t_argv(c)])
+    assert (out / CHECKPOINT).is_file() and (out / "teacher.pth").is_file()
+    return out
+
+
+@pytest.mark.parametrize("change,what", [(["--lr", "0.01"], "config lr was 0.002, now 0.01"),
+                                         (["--fold", "1"], "config fold was 0, now 1")])
+def test_teacher_resume_of_another_run(capsys, case, finished_teacher, change, what):
+    shutil.rmtree(case.teacher)
+    shutil.copytree(finished_teacher, case.teacher)
+    assert_refused(capsys, case, "train_teacher.py", t_argv(case, "--resume", *change), 1, CHECKPOINT, what)
+
+
+EVALUATE = [
+    (lambda c: ["gradr", "--data", c.data], 2, "gradr"),
+    (lambda c: ["grader"], 2, "--data"),
+    (lambda c: ["grader", "--data", c.data, "--weigths", c.out], 2, "--weigths"),
+    (lambda c: ["report", "--data", c.data, "--out", c.tmp / "r", "--batch-size", "0"], 1, "--batch-size"),
+    (lambda c: ["grader", "--data", c.data, "--arch", c.arch, "--weights", c.tmp / "missing.pth"], 1, "missing.pth"),
+    (lambda c: ["grader", "--data", c.data, "--arch", c.broken_arch, "--weights", c.out], 1, "broken_arch.py"),
+    (lambda c: ["predict", "--images", c.tmp / "nope.jpg", "--out", c.tmp / "p.csv", "--student", c.arch, c.out],
+     1, "nope.jpg"),
+    (lambda c: ["export", "--arch", c.arch, "--weights", c.out, "--out", c.out], 1, "--out"),
+]
+
+
+@pytest.mark.parametrize("argv,code,culprit", EVALUATE, ids=[f"evaluate{i}" for i in range(len(EVALUATE))])
+def test_evaluate_bad_input(capsys, case, argv, code, culprit):
+    assert_refused(capsys, case, "evaluate", argv(case), code, culprit)
+
+
 def test_zero_training_steps_save_nothing(tmp_path):
     """A run that takes no step raises before its caller saves anything."""
     from toolkit.engine import Trainer, TrainingError, warmup_cosine
@@ -411,4 +450,33 @@ def test_command_line_exit_code_and_one_line(case, script, argv, code, culprit):
 
 def test_matrix_size():
     """The issue asks for at least 60 bad inputs across the entry points."""
-    assert len(DISTILL_FLAGS) + len(TEACHER_FLAGS) + len(PIPELINE_FLAGS) + len(CONFIGS) >= 60
+    assert len(DISTILL_FLAGS) + len(TEACHER_FLAGS) + len(PIPELINE_FLAGS) + len(CONFIGS) + len(EVALUATE) >= 60
+
+
+def test_real_ctrl_c_ends_with_one_line_and_resume_works(world, tmp_path):
+    """SIGINT to a real `python distill.py` mid-training: exit 130, one 'interrupted:' line saying
+    how to resume, no traceback, model.pth untouched; the printed command then resumes."""
+    import signal
+
+    from helpers_distill import start_paused_run
+    out, work = tmp_path / "out" / "model.pth", tmp_path / "work"
+    out.parent.mkdir()
+    torch.save(student_state(world.arch), out)
+    before = out.read_bytes()
+    argv = distill_argv(world.data, world.arch, out, work, scratch=True, epochs=2, checkpoint_every=1)
+    proc, marker = start_paused_run(tmp_path / "kill", "step:2", argv, world.cache)
+    deadline = time.time() + 120
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), (tmp_path / "kill" / "run.log").read_text()[-2000:]
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    log = (tmp_path / "kill" / "run.log").read_text()
+    assert "Traceback" not in log
+    lines = [line for line in log.splitlines() if line.startswith("interrupted:")]
+    assert len(lines) == 1 and lines[0].endswith("--resume") and "python distill.py" in lines[0], log[-1000:]
+    assert out.read_bytes() == before and (work / CHECKPOINT).is_file()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TOOLKIT_CACHE", str(world.cache))
+        distill.main(argv + ["--resume"])  # the checkpoint belongs to this run: accepted
+    assert out.read_bytes() != before

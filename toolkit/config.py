@@ -57,7 +57,7 @@ def option(default, help: str, *, choices: tuple | None = None, min: float | Non
     return dataclasses.field(default=default, metadata=meta)
 
 
-class _Parser(argparse.ArgumentParser):
+class ConfigParser(argparse.ArgumentParser):
     """argparse whose errors are one ConfigError line (``--flag: what is wrong``), not usage + exit."""
 
     def error(self, message):
@@ -68,7 +68,7 @@ class _Parser(argparse.ArgumentParser):
 def parse_config(cls, argv: list[str] | None = None, description: str | None = None):
     """argv (default sys.argv[1:]) -> a checked ``cls`` instance; ConfigError on any bad value."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    pre = _Parser(add_help=False, allow_abbrev=False)
+    pre = ConfigParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", type=Path, metavar="FILE.yaml",
                      help="a YAML file of field: value defaults (e.g. a run's saved config.yaml); flags override it")
     known, _ = pre.parse_known_args(argv)
@@ -76,7 +76,7 @@ def parse_config(cls, argv: list[str] | None = None, description: str | None = N
     fields = {f.name: f for f in dataclasses.fields(cls)}
     file_values = read_config_file(known.config, fields, hints) if known.config is not None else {}
 
-    parser = _Parser(description=description or cls.__doc__, parents=[pre], allow_abbrev=False,
+    parser = ConfigParser(description=description or cls.__doc__, parents=[pre], allow_abbrev=False,
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for field in fields.values():
         default = file_values.get(field.name, field.default if field.default is not dataclasses.MISSING

@@ -21,12 +21,14 @@ import csv
 import datetime
 import io
 import logging
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from .backbones import TeacherError
+from .config import ConfigError, ConfigParser
 from .data import DataError, load_course_folder, load_image_files, load_server_batch
 from .ensemble import load_ensemble, members_identity_logits
 from .estimates import oof_ensemble_log_probs, read_heldout, student_seen, teacher_seen
@@ -223,8 +225,9 @@ def cmd_compare(args) -> None:
 # ----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(prog="toolkit-evaluate", description=__doc__.split("\n")[0],
-                                     formatter_class=fmt)
+    # one-line errors ("error: --flag: ..."), no guessing of abbreviated flags; subparsers inherit both
+    parser = ConfigParser(prog="toolkit-evaluate", description=__doc__.split("\n")[0], formatter_class=fmt,
+                          allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def student_args(p):
@@ -243,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout", type=Path, nargs="+", default=None, metavar="PROVENANCE",
                    help="model.provenance.json of nested held-out student runs (distill.py --val-fold F, "
                         "e.g. runs/estimate_v0_s0/distilled/ from scripts/heldout_estimate.sh): reported first")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass [>= 1]")
     p.add_argument("--latency-runs", type=int, default=20,
                    help="timed batch-1 runs of the student (batch 256: a tenth; teachers: a quarter, batch 1 only); 0 skips latency")
     p.add_argument("--latency-threads", type=int, default=1,
@@ -266,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="predict with this architecture.py + model.pth (the default: the shipped student)")
     who.add_argument("--teachers", nargs="*", type=Path, metavar="DIR",
                      help="predict with the ensemble of these teacher folders (none given: all under teachers/)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass [>= 1]")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", formatter_class=fmt,
@@ -291,7 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     from .runlog import setup_logging
     setup_logging()
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     for name in ("batch_size", "n_check", "latency_threads"):
         if getattr(args, name, 1) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
