@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -450,3 +451,32 @@ def test_command_line_exit_code_and_one_line(case, script, argv, code, culprit):
 def test_matrix_size():
     """The issue asks for at least 60 bad inputs across the entry points."""
     assert len(DISTILL_FLAGS) + len(TEACHER_FLAGS) + len(PIPELINE_FLAGS) + len(CONFIGS) + len(EVALUATE) >= 60
+
+
+def test_real_ctrl_c_ends_with_one_line_and_resume_works(world, tmp_path):
+    """SIGINT to a real `python distill.py` mid-training: exit 130, one 'interrupted:' line saying
+    how to resume, no traceback, model.pth untouched; the printed command then resumes."""
+    import signal
+
+    from helpers_distill import start_paused_run
+    out, work = tmp_path / "out" / "model.pth", tmp_path / "work"
+    out.parent.mkdir()
+    torch.save(student_state(world.arch), out)
+    before = out.read_bytes()
+    argv = distill_argv(world.data, world.arch, out, work, scratch=True, epochs=2, checkpoint_every=1)
+    proc, marker = start_paused_run(tmp_path / "kill", "step:2", argv, world.cache)
+    deadline = time.time() + 120
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), (tmp_path / "kill" / "run.log").read_text()[-2000:]
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    log = (tmp_path / "kill" / "run.log").read_text()
+    assert "Traceback" not in log
+    lines = [line for line in log.splitlines() if line.startswith("interrupted:")]
+    assert len(lines) == 1 and lines[0].endswith("--resume") and "python distill.py" in lines[0], log[-1000:]
+    assert out.read_bytes() == before and (work / CHECKPOINT).is_file()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TOOLKIT_CACHE", str(world.cache))
+        distill.main(argv + ["--resume"])  # the checkpoint belongs to this run: accepted
+    assert out.read_bytes() != before

@@ -121,3 +121,20 @@ def test_pipeline_config_replays(tmp_path):
     path.write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
     assert parse_config(pipeline.PipelineConfig, ["--config", str(path)]) == cfg
 
+
+
+@pytest.mark.parametrize("command", ["report", "grader", "predict", "export", "compare"])
+def test_evaluate_help_describes_every_option(command, capsys):
+    from toolkit import evaluate
+    with pytest.raises(SystemExit) as stop:
+        evaluate.build_parser().parse_args([command, "--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out.split("options:", 1)[1]
+    entries = [" ".join(e.split()) for e in re.split(r"\n(?=  -)", out) if e.strip()]
+    for entry in entries:
+        if entry.startswith("-h"):
+            continue
+        flag, _, rest = entry.partition(" ")
+        words = rest.split()
+        described = [w for w in words if not w.isupper() and w not in ("[", "]", "...")]
+        assert len(described) >= 3, entry  # more than the flag and its metavar

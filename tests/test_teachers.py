@@ -8,6 +8,7 @@ machine may be busy, and oversubscribed OpenMP threads make tiny steps 10-100x s
 """
 import csv
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -353,7 +354,7 @@ def no_seconds(log: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if k != "seconds"} for row in log]
 
 
-def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_folder, cache_dir, tmp_path, capsys):
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_folder, cache_dir, tmp_path, caplog):
     epochs = 8
     total = epochs * STEPS_PER_EPOCH
     full_out, cut_out = tmp_path / "full", tmp_path / "cut"
@@ -380,9 +381,10 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_folder, cache_di
     full_log = json.loads((full_out / "log.json").read_text())
     done = len(state["history"])  # epochs finished before the kill: the same in both runs
     assert no_seconds(state["history"]) == no_seconds(full_log[:done])
-    capsys.readouterr()
-    train_teacher.main(teacher_cmd(tiny_folder, cut_out, epochs, *args, "--resume")[1:])
-    assert f"step {state['global_step']}" in capsys.readouterr().out  # it resumed from the checkpoint
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="toolkit"):
+        train_teacher.main(teacher_cmd(tiny_folder, cut_out, epochs, *args, "--resume")[1:])
+    assert f"resumed {cut_out} at epoch {done + 1}, step {state['global_step']}" in caplog.text  # from the checkpoint
 
     cut_log = json.loads((cut_out / "log.json").read_text())
     assert cut_log[-1]["step"] == full_log[-1]["step"] == total

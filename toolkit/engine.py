@@ -116,7 +116,7 @@ def make_trainer(model: nn.Module, cfg, out_dir: str | Path, sampler, env: DistE
                       cfg.checkpoint_every, amp=cfg.amp, desc=desc,
                       identity=None if fingerprint is None else run_identity(dataclasses.asdict(cfg), fingerprint))
     if cfg.resume and trainer.resume() and env.is_main:
-        print(f"resumed {out_dir} at epoch {trainer.epoch + 1}, step {trainer.global_step}", flush=True)
+        log.info(f"resumed {out_dir} at epoch {trainer.epoch + 1}, step {trainer.global_step}")
     return trainer
 
 

@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout", type=Path, nargs="+", default=None, metavar="PROVENANCE",
                    help="model.provenance.json of nested held-out student runs (distill.py --val-fold F, "
                         "e.g. runs/estimate_v0_s0/distilled/ from scripts/heldout_estimate.sh): reported first")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass [>= 1]")
     p.add_argument("--latency-runs", type=int, default=20,
                    help="timed batch-1 runs of the student (batch 256: a tenth; teachers: a quarter, batch 1 only); 0 skips latency")
     p.add_argument("--latency-threads", type=int, default=1,
@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="predict with this architecture.py + model.pth (the default: the shipped student)")
     who.add_argument("--teachers", nargs="*", type=Path, metavar="DIR",
                      help="predict with the ensemble of these teacher folders (none given: all under teachers/)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass [>= 1]")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", formatter_class=fmt,

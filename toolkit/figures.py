@@ -150,7 +150,7 @@ def plot_learning_curve(history, path: Path, title: str = "") -> Path:
             ax.plot(x, history[c], marker="o", label=c)
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
-        if columns:
+        if columns:  # a run with zero training steps logs no loss
             ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle(f"Learning curve {title}".strip(), fontsize=11)

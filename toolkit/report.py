@@ -195,16 +195,16 @@ def _markdown(m: dict, meta: dict, efficiency: dict, timings: dict, examples_sho
              f"(shown: {examples_shown}); student right but ensemble wrong: {sv['student_right_ensemble_wrong']}\n")
 
     L.append("## Cost\n")
-    threads = None
-    L.append("| model | parameters | MACs / image | latency batch 1 (median) | latency batch 256 (median) | per image at 256 |")
-    L.append("|---|---|---|---|---|---|")
-    for name, e in efficiency.items():
-        b1, b256 = e.get("latency_batch1"), e.get("latency_batch256")
-        ms = (lambda v, d: f"{v * 1e3:.{d}f} ms")
-        L.append(f"| {name} | {e['parameters']:,} | {e['macs_per_image'] / 1e6:.1f} M | "
-                 f"{ms(b1['median_s'], 2) if b1 else '-'} | {ms(b256['median_s'], 1) if b256 else '-'} | "
-                 f"{ms(b256['median_s'] / b256['batch'], 3) if b256 else '-'} |")
-        threads = threads or e.get("latency_threads")
+    ms = (lambda v, d: f"{v * 1e3:.{d}f} ms")
+    cost = pd.DataFrame([{"model": name, "parameters": f"{e['parameters']:,}",
+                          "MACs / image": f"{e['macs_per_image'] / 1e6:.1f} M",
+                          "latency batch 1 (median)": ms(e["latency_batch1"]["median_s"], 2) if e.get("latency_batch1") else "-",
+                          "latency batch 256 (median)": ms(e["latency_batch256"]["median_s"], 1) if e.get("latency_batch256") else "-",
+                          "per image at 256": (ms(e["latency_batch256"]["median_s"] / e["latency_batch256"]["batch"], 3)
+                                               if e.get("latency_batch256") else "-")}
+                         for name, e in efficiency.items()])
+    L.append(markdown_table(cost) if len(cost) else "not measured")
+    threads = next((e["latency_threads"] for e in efficiency.values() if e.get("latency_threads")), None)
     L.append("")
     L.append("MACs via torch.utils.flop_counter (FLOPs / 2; convolutions and matmuls only) of the eval-mode "
              "forward, i.e. whatever the student does in eval mode (test-time augmentation included, if any). "
