@@ -86,7 +86,7 @@ def main(argv=None) -> dict:
         print(f"=== {name}: {timings[name]:.0f} s", flush=True)
         return result
 
-    recipes = [parse_recipe(r) for r in cfg.teacher_recipes]  # a malformed recipe fails before any work
+    recipes = [parse_recipe(r) for r in cfg.teacher_recipes]  # (folder name, flags); checked by PipelineConfig
     stage("decode data (cached)", lambda: load_course_folder(cfg.data))
     for name, flags in recipes:
         for fold in range(cfg.folds):

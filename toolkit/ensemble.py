@@ -277,7 +277,8 @@ def view_soft_targets(ensemble: Ensemble, data, view_params: torch.Tensor, folds
                                  for m, t in enumerate(teachers)])                      # (M, N, K, C)
     # Images some teacher never saw: their identity-view predictions are out-of-fold, the only
     # ones weights and temperature may be fitted on.
-    fit_rows = train_idx[(~mask.all(0))[train_idx]]
+    oof_images = ~mask.all(0)                                                            # (N,)
+    fit_rows = train_idx[oof_images[train_idx]]
     weights, metrics = ensemble.weights, {}
     if weighting != "equal":
         groups = recipe_groups(teachers)
@@ -301,7 +302,7 @@ def view_soft_targets(ensemble: Ensemble, data, view_params: torch.Tensor, folds
     metrics.update({"ensemble_val_acc": _accuracy(val_lp, labels[val_idx]),
                     "ensemble_val_nll": F.nll_loss(val_lp, labels[val_idx]).item() if len(val_idx) else None,
                     "target_train_acc": _accuracy(targets[train_idx, 0], labels[train_idx]),
-                    "oof_fraction": float((~mask.all(0))[train_idx].float().mean()),
+                    "oof_fraction": float(oof_images[train_idx].float().mean()),
                     "target_seconds": round(time.time() - t0, 1)})
     return targets, metrics, teacher_records(teachers, member_logits[:, val_idx, 0], labels[val_idx])
 

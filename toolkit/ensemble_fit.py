@@ -50,13 +50,9 @@ def recipe_oof_log_probs(member_logits: torch.Tensor, mask: torch.Tensor,
     teachers), and (N,) bool: images every recipe has an out-of-fold prediction for.
     """
     log_p = member_logits.float().log_softmax(-1)
-    out, covered = [], torch.ones(member_logits.shape[1], dtype=torch.bool)
-    for members in groups.values():
-        m = mask[members].float()                                            # (k, N)
-        n_oof = m.sum(0)
-        covered &= n_oof > 0
-        w = (m / n_oof.clamp(min=1)).clamp(min=1e-30).log()                  # (k, N)
-        out.append(torch.logsumexp(log_p[members] + w[..., None], 0))
+    within = recipe_weight_matrix(groups, torch.ones(len(groups)), mask).clamp(min=1e-30).log()  # (M, N)
+    out = [torch.logsumexp(log_p[members] + within[members, :, None], 0) for members in groups.values()]
+    covered = torch.stack([mask[members].any(0) for members in groups.values()]).all(0)
     return torch.stack(out), covered
 
 
