@@ -25,10 +25,10 @@ import torch
 
 from toolkit.augment import apply_views, mixup_cutmix, random_view_params, sample_view_params
 from toolkit.cli import run_main
-from toolkit.config import check_device, option, parse_config
+from toolkit.config import TrainingRun, option
 from toolkit.data import load_course_folder
-from toolkit.distributed import init_distributed
-from toolkit.engine import epoch_index_batches, make_trainer, run_info, save_run_config, seed_everything, val_metrics
+from toolkit.engine import (epoch_index_batches, make_trainer, run_info, save_run_config, start_run,
+                            val_metrics)
 from toolkit.ensemble import ensemble_on_val, load_ensemble, view_soft_targets
 from toolkit.io import atomic_save, atomic_write_json, ensure_writable_dir
 from toolkit.losses import dist_loss, kd_loss, label_smoothing_ce
@@ -37,8 +37,9 @@ from toolkit.student import (ContractError, check_state_dict_matches, exec_archi
                              student_trunk_features)
 
 
+# The schedule, optimiser, sampling, split and device fields come from TrainingRun (toolkit.config).
 @dataclass
-class DistillConfig:
+class DistillConfig(TrainingRun):
     """Distil the teacher ensemble into MyCNN (architecture.py)."""
     data: str = option("../shared/data/training_data", "labelled course folder (labels.csv + images)",
                        path="in_dir")
@@ -73,23 +74,9 @@ class DistillConfig:
     scratch: bool = option(False, "control: the same student and recipe on hard labels only")
     label_smoothing: float = option(0.1, "label smoothing of --scratch", min=0, below=1)
     mixup: float = option(0.0, "mixup alpha (0: off); cached mode mixes the stored targets alike", min=0, max=10)
-    epochs: int = option(10, "training epochs", min=1)
-    batch_size: int = option(128, "images per step", min=1)
-    lr: float = option(2e-3, "AdamW learning rate per 256 images (actual: lr * batch_size / 256)", min=1e-8)
-    optimizer: str = option("adamw", "optimizer", choices=("adamw", "sgd"))
-    weight_decay: float = option(0.05, "decoupled weight decay (not on biases and norms)", min=0, max=10)
-    warmup_epochs: float = option(1.0, "linear warm-up, epochs", min=0)
-    ema_decay: float = option(0.999, "EMA of the weights (0: off)", min=0, below=1)
-    balance_power: float = option(0.5, "class-balanced sampling: class c drawn ~ n_c ** power (0: uniform)",
-                                  min=0, max=1)
-    folds: int = option(5, "k of the stratified k-fold split", min=2)
     val_fold: int = option(0, "held-out fold for val metrics; -1 trains on everything", min=-1)
     seed: int = option(0, "seed of init, sampling and views", min=0)
     split_seed: int = option(-1, "seed of the k-fold split; -1: the same as --seed", min=-1)
-    device: str = option("auto", "auto, cpu, cuda, cuda:N or mps", check=check_device)
-    amp: bool = option(True, "bf16/fp16 autocast, CUDA only")
-    checkpoint_every: int = option(200, "steps between checkpoints (0: only at epoch ends)", min=0)
-    resume: bool = option(False, "continue from work_dir/checkpoint.pth (it must belong to this run)")
 
     def check(self):
         if self.val_fold >= self.folds:
@@ -104,9 +91,7 @@ class DistillConfig:
 
 
 def main(argv=None) -> dict:
-    cfg = parse_config(DistillConfig, argv)
-    env, device = init_distributed(cfg.device)
-    seed_everything(cfg.seed)
+    cfg, env, device = start_run(DistillConfig, argv)
     work = Path(cfg.work_dir)
     if env.is_main:  # fail now, not after hours of training, when the results cannot be written
         ensure_writable_dir(Path(cfg.out).parent)

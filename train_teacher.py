@@ -20,18 +20,20 @@ import torch
 
 from toolkit.augment import apply_views, mixup_cutmix, random_view_params, sample_view_params, trivial_augment
 from toolkit.cli import run_main
-from toolkit.config import check_device, check_timm_model, option, parse_config
+from toolkit.config import TrainingRun, check_timm_model, option, with_defaults
 from toolkit.data import load_course_folder
-from toolkit.distributed import init_distributed
-from toolkit.engine import epoch_index_batches, make_trainer, run_info, save_run_config, seed_everything, val_metrics
+from toolkit.engine import (epoch_index_batches, make_trainer, run_info, save_run_config, start_run,
+                            val_metrics)
 from toolkit.losses import label_smoothing_ce, soft_cross_entropy
 from toolkit.splits import ClassBalancedSampler, check_split, fold_split
 from toolkit.teachers import build_teacher, save_teacher
 from toolkit.trunk import TrunkSplit, cached_trunk_features, teacher_trunk_key, trunk_cache_path
 
 
+# The schedule, optimiser, sampling, split and device fields come from TrainingRun (toolkit.config).
 @dataclass
-class TeacherConfig:
+class TeacherConfig(with_defaults(TrainingRun, epochs=6, batch_size=64, warmup_epochs=0.5, ema_decay=0.998,
+                                  checkpoint_every=100)):
     """Fine-tune a timm backbone as a teacher."""
     data: str = option("../shared/data/training_data", "labelled course folder (labels.csv + images)",
                        path="in_dir")
@@ -42,16 +44,7 @@ class TeacherConfig:
                              "weights file", choices=("hub", "offline", "none"), or_file=True)
     input_mode: str = option("rgb", "colour or the server's grey view", choices=("rgb", "grey"))
     input_size: int = option(160, "side the backbone sees (the 100x100 view is resized)", min=16, max=1024)
-    epochs: int = option(6, "training epochs", min=1)
-    batch_size: int = option(64, "images per step", min=1)
-    lr: float = option(2e-3, "learning rate per 256 images (actual: lr * batch_size / 256)", min=1e-8)
-    optimizer: str = option("adamw", "optimizer", choices=("adamw", "sgd"))
-    weight_decay: float = option(0.05, "decoupled weight decay (not on biases and norms)", min=0, max=10)
-    warmup_epochs: float = option(0.5, "linear warm-up, epochs", min=0)
     label_smoothing: float = option(0.1, "label smoothing of the cross-entropy", min=0, below=1)
-    ema_decay: float = option(0.998, "EMA of the weights (0: off)", min=0, below=1)
-    balance_power: float = option(0.5, "class-balanced sampling: class c drawn ~ n_c ** power (0: uniform)",
-                                  min=0, max=1)
     frozen_stages: int = option(5, "stem + this many stages frozen; 0 = full fine-tune", min=0)
     trunk_cache: bool = option(True, "cache the frozen trunk's features of --views fixed views")
     views: int = option(8, "cached views per image: identity, mirror, shifted crops", min=1)
@@ -59,14 +52,9 @@ class TeacherConfig:
     trivial_augment: bool = option(True, "TrivialAugment (online mode only: no trunk cache)")
     mixup: float = option(0.0, "mixup alpha, online mode only (0: off)", min=0, max=10)
     cutmix: float = option(0.0, "cutmix alpha, online mode only (0: off)", min=0, max=10)
-    folds: int = option(5, "k of the stratified k-fold split (seeded)", min=2)
     fold: int = option(0, "held-out val fold; -1 trains on everything", min=-1)
     exclude_folds: list[int] = option([], "folds never trained on (nested CV)", min=0)
     seed: int = option(0, "seed of the split, init, sampling and views", min=0)
-    device: str = option("auto", "auto, cpu, cuda, cuda:N or mps", check=check_device)
-    amp: bool = option(True, "bf16/fp16 autocast, on CUDA only")
-    checkpoint_every: int = option(100, "steps between checkpoints (0: only at epoch ends)", min=0)
-    resume: bool = option(False, "continue from out/checkpoint.pth (it must belong to this run)")
 
     def check(self):
         if self.fold >= self.folds:
@@ -81,9 +69,7 @@ class TeacherConfig:
 
 
 def main(argv=None) -> dict:
-    cfg = parse_config(TeacherConfig, argv)
-    env, device = init_distributed(cfg.device)
-    seed_everything(cfg.seed)
+    cfg, env, device = start_run(TeacherConfig, argv)
     out = Path(cfg.out)
 
     # --- data: uint8 tensors in memory; val = one stratified fold ------------------------

@@ -13,7 +13,7 @@ import distill
 import pipeline
 import train_teacher
 from helpers_distill import TINY_SIZE, TINY_TEACHER, distill_argv, make_course_folder, write_arch
-from toolkit.config import ConfigError, coerce, parse_config
+from toolkit.config import ConfigError, TrainingRun, coerce, parse_config, with_defaults
 
 CONFIGS = [(distill.DistillConfig, "distill.py"), (train_teacher.TeacherConfig, "train_teacher.py"),
            (pipeline.PipelineConfig, "pipeline.py")]
@@ -58,6 +58,28 @@ def test_pretrained_accepts_a_weights_file(tmp_path):
     assert parse_config(train_teacher.TeacherConfig, ["--pretrained", str(weights)]).pretrained == str(weights)
     with pytest.raises(ConfigError, match="--pretrained: invalid choice 'hubb' .*or an existing file"):
         parse_config(train_teacher.TeacherConfig, ["--pretrained", "hubb"])
+
+
+def test_shared_run_fields_keep_each_scripts_defaults_and_the_same_checks(capsys):
+    """TrainingRun's fields are declared once; each script sets its own defaults through
+    with_defaults, and the ranges and choices come along whatever the default."""
+    teacher, student = parse_config(train_teacher.TeacherConfig, []), parse_config(distill.DistillConfig, [])
+    assert (teacher.epochs, teacher.batch_size, teacher.warmup_epochs, teacher.ema_decay,
+            teacher.checkpoint_every) == (6, 64, 0.5, 0.998, 100)
+    assert (student.epochs, student.batch_size, student.warmup_epochs, student.ema_decay,
+            student.checkpoint_every) == (10, 128, 1.0, 0.999, 200)
+    assert train_teacher.TeacherConfig().epochs == 6  # the dataclass itself, not only the parser
+    for cls in (train_teacher.TeacherConfig, distill.DistillConfig):
+        with pytest.raises(ConfigError, match=r"--ema-decay: must be < 1, got 1.0"):
+            parse_config(cls, ["--ema-decay", "1"])
+        with pytest.raises(ConfigError, match="--optimizer: invalid choice"):
+            parse_config(cls, ["--optimizer", "lamb"])
+    with pytest.raises(SystemExit):  # --help: the script's own options first, the shared ones after
+        parse_config(train_teacher.TeacherConfig, ["--help"])
+    out = capsys.readouterr().out.split("options:", 1)[1]
+    assert out.index("--data") < out.index("--seed") < out.index("--epochs") < out.index("--resume")
+    with pytest.raises(TypeError, match="no fields"):
+        with_defaults(TrainingRun, epoch=3)
 
 
 @pytest.mark.parametrize("value,kind,want", [

@@ -73,7 +73,8 @@ def parse_config(cls, argv: list[str] | None = None, description: str | None = N
                      help="a YAML file of field: value defaults (e.g. a run's saved config.yaml); flags override it")
     known, _ = pre.parse_known_args(argv)
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    own = cls.__dict__.get("__annotations__", {})
+    fields = {f.name: f for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own)}
     file_values = read_config_file(known.config, fields, hints) if known.config is not None else {}
 
     parser = ConfigParser(description=description or cls.__doc__, parents=[pre], allow_abbrev=False,
@@ -174,35 +175,29 @@ def coerce(value, kind):
         if isinstance(value, bool):
             return value
         raise ValueError(f"expected true or false, got {_describe(value)}")
-    if kind is int:
-        if isinstance(value, bool):
-            raise ValueError(f"expected an integer, got {_describe(value)}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                pass
-        raise ValueError(f"expected an integer, got {_describe(value)}")
-    if kind is float:
-        if isinstance(value, bool):
-            raise ValueError(f"expected a number, got {_describe(value)}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
-        raise ValueError(f"expected a number, got {_describe(value)}")
+    if kind in (int, float):
+        return _coerce_number(value, kind)
     if kind is str:
         if isinstance(value, str):
             return value
         raise ValueError(f"expected a string, got {_describe(value)}")
     return value
+
+
+def _coerce_number(value, kind):
+    """int: an int, a finite integral float or an integer string; float: an int, a float or a
+    number string (YAML 1.1 reads 1e-3, with no dot, as a string). Booleans are neither."""
+    if not isinstance(value, bool):
+        if isinstance(value, int) or (kind is float and isinstance(value, float)):
+            return kind(value)
+        if kind is int and isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return kind(value.strip())
+            except ValueError:
+                pass
+    raise ValueError(f"expected {'an integer' if kind is int else 'a number'}, got {_describe(value)}")
 
 
 def _describe(value) -> str:
@@ -299,3 +294,43 @@ def check_cache_dir() -> None:
         return
     if problem:
         raise ConfigError(f"TOOLKIT_CACHE: cache location {problem}")
+
+
+# ----------------------------------------------------------------------------------------
+# Fields shared by the training scripts
+# ----------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class TrainingRun:
+    """The fields every training script shares: schedule, optimiser, sampling, split, device,
+    checkpoints (``engine.make_trainer`` reads them). A script's config inherits them through
+    ``with_defaults`` with its own defaults, so each is declared, documented and checked once."""
+    epochs: int = option(10, "training epochs", min=1)
+    batch_size: int = option(128, "images per step", min=1)
+    lr: float = option(2e-3, "learning rate per 256 images (actual: lr * batch_size / 256)", min=1e-8)
+    optimizer: str = option("adamw", "optimizer", choices=("adamw", "sgd"))
+    weight_decay: float = option(0.05, "decoupled weight decay (not on biases and norms)", min=0, max=10)
+    warmup_epochs: float = option(1.0, "linear warm-up, epochs", min=0)
+    ema_decay: float = option(0.999, "EMA of the weights (0: off)", min=0, below=1)
+    balance_power: float = option(0.5, "class-balanced sampling: class c drawn ~ n_c ** power (0: uniform)",
+                                  min=0, max=1)
+    folds: int = option(5, "k of the stratified k-fold split", min=2)
+    device: str = option("auto", "auto, cpu, cuda, cuda:N or mps", check=check_device)
+    amp: bool = option(True, "bf16/fp16 autocast, on CUDA only")
+    checkpoint_every: int = option(200, "steps between checkpoints (0: only at epoch ends)", min=0)
+    resume: bool = option(False, "continue from the run's checkpoint.pth (it must belong to this run)")
+
+
+def with_defaults(base, **defaults):
+    """``base`` (a config dataclass) with other defaults for some of its fields; help, choices
+    and checks stay the base's. Inherited fields keep their place after the script's own in --help."""
+    fields = {f.name: f for f in dataclasses.fields(base)}
+    unknown = sorted(set(defaults) - set(fields))
+    if unknown:
+        raise TypeError(f"{base.__name__} has no fields {unknown}")
+    hints = typing.get_type_hints(base)
+    namespace = {"__annotations__": {name: hints[name] for name in defaults}, "__module__": base.__module__,
+                 "__doc__": base.__doc__}
+    for name, value in defaults.items():
+        meta = dict(fields[name].metadata)
+        namespace[name] = option(value, meta.pop("help"), **meta)
+    return dataclasses.dataclass(type(base.__name__, (base,), namespace))

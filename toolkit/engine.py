@@ -28,7 +28,8 @@ from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from .distributed import DistEnv
+from .config import parse_config
+from .distributed import DistEnv, init_distributed
 from .io import atomic_save, atomic_write_json
 from .runlog import write_run_summary
 
@@ -65,6 +66,16 @@ def run_identity(config: dict, fingerprint: str) -> dict:
 # ----------------------------------------------------------------------------------------
 # Seeds and run records
 # ----------------------------------------------------------------------------------------
+def start_run(config_cls, argv: list[str] | None = None):
+    """How every training script starts -> (cfg, env, device): the config checked in full
+    (flags, --config) before any work, the process group and device (DDP under torchrun),
+    every RNG seeded."""
+    cfg = parse_config(config_cls, argv)
+    env, device = init_distributed(cfg.device)
+    seed_everything(cfg.seed)
+    return cfg, env, device
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
