@@ -228,5 +228,10 @@ def make_loss(cfg: DistillConfig, data, device, view_params, features, targets, 
     return scratch if cfg.scratch else cached if cfg.mode == "cached" else online
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script ``toolkit-distill`` (pyproject.toml)."""
     run_main(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -53,11 +53,17 @@ class PipelineConfig:
     out: str = option("model.pth", "the student's state_dict (replaced only by a finished run)", path="out_file")
     work_dir: str = option("runs/pipeline", "distillation work folder, timings.json, config.yaml", path="out_dir")
     report_dir: str = option("reports/pipeline", "evaluation report folder", path="out_dir")
+    heldout_fold: int = option(-1, "nested estimate: no teacher and no student trains on this fold, the "
+                               "student's val fold (-1: none; the shipped student trains on every image)", min=-1)
+    scratch_control: bool = option(False, "also train the same student on hard labels only (distill.py "
+                                   "--scratch), into work_dir/scratch: the control distillation must beat")
     reuse_teachers: bool = option(True, "keep fold teachers that already exist under teachers_root")
     report: bool = option(True, "write the evaluation report at the end")
 
     def check(self):
         """Every recipe parses and its flags pass train_teacher.py's checks, before any teacher trains."""
+        if self.heldout_fold >= self.folds:
+            return "heldout_fold", f"fold {self.heldout_fold} does not exist in a {self.folds}-fold split"
         if not self.teacher_recipes:
             return "teacher_recipes", "no recipe given"
         for recipe in self.teacher_recipes:
@@ -88,8 +94,9 @@ def main(argv=None) -> dict:
 
     recipes = [parse_recipe(r) for r in cfg.teacher_recipes]  # (folder name, flags); checked by PipelineConfig
     stage("decode data (cached)", lambda: load_course_folder(cfg.data))
+    nested = ["--exclude-folds", str(cfg.heldout_fold)] if cfg.heldout_fold >= 0 else []
     for name, flags in recipes:
-        for fold in range(cfg.folds):
+        for fold in (f for f in range(cfg.folds) if f != cfg.heldout_fold):
             folder = Path(cfg.teachers_root) / f"{name}_f{fold}"
             if cfg.reuse_teachers and (folder / "teacher.pth").is_file():
                 print(f"reusing teacher {folder}", flush=True)
@@ -97,12 +104,15 @@ def main(argv=None) -> dict:
             stage(f"teacher {name} fold {fold}", lambda: train_teacher.main([
                 "--data", cfg.data, "--pretrained", cfg.pretrained, "--epochs", str(cfg.teacher_epochs),
                 "--views", str(cfg.views), "--folds", str(cfg.folds), "--fold", str(fold),
-                "--seed", str(cfg.seed), "--out", str(folder), *flags]))
+                "--seed", str(cfg.seed), "--out", str(folder), *nested, *flags]))
+    student = ["--data", cfg.data, "--views", str(cfg.views), "--folds", str(cfg.folds),
+               "--val-fold", str(cfg.heldout_fold), "--epochs", str(cfg.student_epochs),
+               "--seed", str(cfg.seed), "--view-seed", str(cfg.seed)]
     stage("distil student", lambda: distill.main([
-        "--data", cfg.data, "--teachers-root", cfg.teachers_root, "--views", str(cfg.views),
-        "--folds", str(cfg.folds), "--val-fold", "-1", "--epochs", str(cfg.student_epochs),
-        "--seed", str(cfg.seed), "--view-seed", str(cfg.seed), "--out", cfg.out,
-        "--work-dir", str(work / "distill")]))
+        *student, "--teachers-root", cfg.teachers_root, "--out", cfg.out, "--work-dir", str(work / "distill")]))
+    if cfg.scratch_control:
+        stage("hard-label control", lambda: distill.main([
+            *student, "--scratch", "--out", str(work / "scratch" / "model.pth"), "--work-dir", str(work / "scratch")]))
     if cfg.report:
         from toolkit import evaluate
         from toolkit.estimates import find_heldout
@@ -141,5 +151,10 @@ def parse_recipe(recipe: str) -> tuple[str, list[str]]:
     return f"{model.replace('efficientnet_', '')}_{size}px", flags
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script ``toolkit-pipeline`` (pyproject.toml)."""
     run_main(main, resume_hint="finished fold teachers are kept: run the same command again to reuse them")
+
+
+if __name__ == "__main__":
+    cli()

@@ -149,5 +149,10 @@ def trunk_features(cfg: TeacherConfig, data, teacher, split, device, verbose) ->
     return cached_trunk_features(path, teacher, split, data.rgb, view_params, device, save=verbose)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script ``toolkit-train-teacher`` (pyproject.toml)."""
     run_main(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -50,3 +50,25 @@ def test_pipeline_refuses_a_bad_recipe_before_any_work(tmp_path, monkeypatch, ma
         pipeline.main(["--data", str(make_course()), "--teachers-root", str(tmp_path),
                        "--teacher-recipes", "efficientnet_lite0@160", "efficientnet_lite2@x"])
     assert calls == []
+
+
+def test_heldout_fold_is_never_trained_on_by_teachers_or_student(tmp_path, monkeypatch, make_course):
+    """--heldout-fold 1 (a nested estimate): no fold-1 teacher, every teacher excludes fold 1, the
+    student and its hard-label control both validate on it, with the same student flags."""
+    calls, course = [], str(make_course())
+    monkeypatch.setattr(pipeline.train_teacher, "main", lambda argv: calls.append(("teacher", argv)) or {})
+    monkeypatch.setattr(pipeline.distill, "main", lambda argv: calls.append(("distill", argv)) or {})
+    root = tmp_path / "teachers"
+    pipeline.main(["--data", course, "--teachers-root", str(root), "--folds", "3", "--no-report",
+                   "--heldout-fold", "1", "--scratch-control", "--views", "2",
+                   "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "model.pth")])
+    teachers = [argv for kind, argv in calls if kind == "teacher"]
+    assert [argv[argv.index("--fold") + 1] for argv in teachers] == ["0", "2"]
+    assert all(argv[argv.index("--exclude-folds") + 1] == "1" for argv in teachers)
+    student, control = [argv for kind, argv in calls if kind == "distill"]
+    for argv in (student, control):
+        assert argv[argv.index("--val-fold") + 1] == "1" and argv[argv.index("--views") + 1] == "2"
+    assert "--scratch" in control and "--scratch" not in student
+    assert control[:control.index("--scratch")] == student[:control.index("--scratch")]
+    with pytest.raises(DataError, match="--heldout-fold: fold 3 does not exist"):
+        pipeline.main(["--data", course, "--folds", "3", "--heldout-fold", "3"])

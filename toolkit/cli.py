@@ -61,4 +61,5 @@ def _resume_text(argv: list[str] | None, hint: str, prog: str | None) -> str:
     prog = prog or Path(sys.argv[0]).name
     if hint not in args:
         args.append(hint)
-    return f"continue from the last checkpoint with: python {prog} {shlex.join(args)}"
+    command = f"python {prog}" if prog.endswith(".py") else prog  # a script, or a console script
+    return f"continue from the last checkpoint with: {command} {shlex.join(args)}"
