@@ -317,7 +317,8 @@ class TrainingRun:
     device: str = option("auto", "auto, cpu, cuda, cuda:N or mps", check=check_device)
     amp: bool = option(True, "bf16/fp16 autocast, on CUDA only")
     checkpoint_every: int = option(200, "steps between checkpoints (0: only at epoch ends)", min=0)
-    resume: bool = option(False, "continue from the run's checkpoint.pth (it must belong to this run)")
+    resume: bool = option(False, "continue from checkpoint.pth in the run's folder (a teacher's --out, a "
+                          "student's --work-dir); it must belong to this run")
 
 
 def with_defaults(base, **defaults):
