@@ -121,7 +121,7 @@ def main(argv=None) -> dict:
         if env.is_main:
             print(f"soft targets {tuple(targets.shape)}: {ens_metrics}", flush=True)
     elif ensemble is not None:  # online: the same record, the ensemble scored on val
-        ens_metrics, teacher_records = ensemble_on_val(ensemble, data, val_idx, device)
+        ens_metrics, teacher_records = ensemble_on_val(ensemble, data, folds, val_idx, device)
 
     # --- student: its frozen first stages run once per cached view, the rest trains -------
     net, features = student, None

@@ -327,6 +327,23 @@ def test_oof_mask_excluded_folds_and_fallback_to_all():
     assert mask.any(0).all()
 
 
+def test_val_images_a_teacher_trained_on_are_counted_and_warned(caplog):
+    """Nested teachers (each excludes fold 0 of its own seed-0 split): a student validating on that
+    fold is held out; one splitting with another seed validates partly on teachers' training images."""
+    labels = torch.arange(40) % 4
+    teachers = [fake(f, 4, exclude=[0]) for f in (1, 2, 3)]
+    same = stratified_folds(labels, 4, 0)
+    assert toolkit.ensemble.val_seen_by_teachers(teachers, same, labels, (same == 0).nonzero().flatten()) == 0
+    assert not caplog.records
+    other = stratified_folds(labels, 4, 1)
+    val = (other == 0).nonzero().flatten()
+    expected = int((same[val] != 0).sum())
+    assert 0 < expected < len(val)
+    with caplog.at_level("WARNING", logger="toolkit.ensemble"):
+        assert toolkit.ensemble.val_seen_by_teachers(teachers, other, labels, val) == expected
+    assert f"{expected} of {len(val)} val images were training images of some teacher" in caplog.text
+
+
 def test_oof_mask_of_trained_teachers_matches_their_training_split(world):
     """Each image gets only teachers whose training split (train_teacher's own) excluded it."""
     teachers = [load_teacher(t) for t in world.teachers]

@@ -462,3 +462,11 @@ def test_report_leads_with_out_of_fold_and_held_out_figures(folder, weights, tmp
         main(["report", "--data", str(folder), "--arch", str(ARCH), "--weights", str(w), "--teachers", str(dirs[0]),
               "--out", str(tmp_path / "r2"), "--latency-runs", "0", "--heldout", str(bad)])
     assert "not a held-out run" in error_line(e)
+    # a student whose val fold some teacher trained on is no nested estimate, whatever it claims
+    leaky = tmp_path / "leaky.provenance.json"
+    leaky.write_text(json.dumps({**json.loads(nested.read_text()),
+                                 "ensemble": {"ensemble_val_acc": 0.871, "val_seen_by_teachers": 412}}))
+    with pytest.raises(SystemExit) as e:
+        main(["report", "--data", str(folder), "--arch", str(ARCH), "--weights", str(w), "--teachers", str(dirs[0]),
+              "--out", str(tmp_path / "r3"), "--latency-runs", "0", "--heldout", str(leaky)])
+    assert "not a nested held-out run: 412 of its 1997 val images" in error_line(e)

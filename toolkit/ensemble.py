@@ -7,6 +7,7 @@ never trained on it (out-of-fold masks from each teacher's recorded k-fold).
 """
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from .ensemble_fit import fit_weights, greedy_selection, recipe_groups, recipe_o
 from .splits import stratified_folds
 from .teachers import TEACHER_FILE, Teacher, find_teacher_folders, load_teacher, predict_logits
 from .trunk import TrunkSplit, stored_trunk_features, trunk_cache_path
+
+log = logging.getLogger(__name__)
 
 
 class Ensemble(nn.Module):
@@ -198,6 +201,20 @@ def oof_teacher_mask(teachers: list[Teacher], folds: torch.Tensor,
     return mask
 
 
+def val_seen_by_teachers(teachers: list[Teacher], folds: torch.Tensor, labels: torch.Tensor,
+                         val_idx: torch.Tensor) -> int:
+    """How many val images some teacher trained on (each teacher's own k-fold, from its config),
+    with a warning when there are any: then the student's val accuracy is no held-out estimate
+    (e.g. nested teachers made with one split seed, the student split with another)."""
+    if not len(val_idx) or not teachers:
+        return 0
+    seen = int(torch.stack([teacher_saw(t, folds, labels)[val_idx] for t in teachers]).any(0).sum())
+    if seen:
+        log.warning(f"warning: {seen} of {len(val_idx)} val images were training images of some teacher: the "
+                    "student's val accuracy is not a held-out estimate (teachers split with another --split-seed?)")
+    return seen
+
+
 @torch.no_grad()
 def members_identity_logits(teachers: list[Teacher], rgb_u8: torch.Tensor, fingerprint: str = "",
                             images: torch.Tensor | None = None, batch_size: int = 256,
@@ -303,15 +320,18 @@ def view_soft_targets(ensemble: Ensemble, data, view_params: torch.Tensor, folds
                     "ensemble_val_nll": F.nll_loss(val_lp, labels[val_idx]).item() if len(val_idx) else None,
                     "target_train_acc": _accuracy(targets[train_idx, 0], labels[train_idx]),
                     "oof_fraction": float(oof_images[train_idx].float().mean()),
+                    "val_seen_by_teachers": val_seen_by_teachers(teachers, folds, labels, val_idx),
                     "target_seconds": round(time.time() - t0, 1)})
     return targets, metrics, teacher_records(teachers, member_logits[:, val_idx, 0], labels[val_idx])
 
 
-def ensemble_on_val(ensemble: Ensemble, data, val_idx: torch.Tensor, device: str | torch.device = "cpu"
-                    ) -> tuple[dict, list[dict]]:
+def ensemble_on_val(ensemble: Ensemble, data, folds: torch.Tensor, val_idx: torch.Tensor,
+                    device: str | torch.device = "cpu") -> tuple[dict, list[dict]]:
     """Online distillation's record: the ensemble and each teacher on the val fold's plain images."""
     teachers, y = list(ensemble.teachers), data.labels[val_idx]
     if not len(val_idx):
         return {"ensemble_val_acc": None}, teacher_records(teachers, torch.empty(len(teachers), 0), y)
     member = torch.stack([predict_logits(t, data.rgb[val_idx], device=device) for t in teachers])
-    return {"ensemble_val_acc": _accuracy(ensemble.combine_logits(member), y)}, teacher_records(teachers, member, y)
+    return ({"ensemble_val_acc": _accuracy(ensemble.combine_logits(member), y),
+             "val_seen_by_teachers": val_seen_by_teachers(teachers, folds, data.labels, val_idx)},
+            teacher_records(teachers, member, y))

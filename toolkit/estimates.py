@@ -80,6 +80,10 @@ def read_heldout(path: str | Path) -> dict:
         raise DataError(f"{path}: not a student provenance file ({type(err).__name__}: {err})") from None
     if row["val_fold"] < 0 or row["accuracy"] is None:
         raise DataError(f"{path}: not a held-out run (val_fold {row['val_fold']}, no student val_acc)")
+    seen = (doc.get("ensemble") or {}).get("val_seen_by_teachers") or 0
+    if seen:
+        raise DataError(f"{path}: not a nested held-out run: {seen} of its {row['images']} val images were "
+                        "training images of some teacher")
     return row
 
 
