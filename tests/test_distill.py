@@ -30,9 +30,11 @@ from toolkit.data import DataError, load_course_folder
 from toolkit.splits import stratified_folds
 from toolkit.student import ContractError, check_state_dict_matches, load_student
 from toolkit.backbones import TeacherError
-from toolkit.ensemble import Ensemble, combine_view_targets, oof_teacher_mask, teacher_saw, teacher_view_logits
+import toolkit.trunk
+from toolkit.ensemble import (Ensemble, combine_view_targets, members_view_logits, oof_teacher_mask, teacher_saw,
+                              teacher_view_logits)
 from toolkit.teachers import TEACHER_FILE, load_teacher
-from toolkit.trunk import stored_trunk_features
+from toolkit.trunk import stored_trunk_features, trunk_cache_path
 
 
 @pytest.fixture(scope="module")
@@ -280,6 +282,33 @@ def test_distill_trains_on_the_ensembles_view_targets(world, shared_cache, tmp_p
         for k in range(3):
             expected = sub(views_as_float(data.rgb[i:i + 1], view_params[i, k][None])).exp()[0]
             torch.testing.assert_close(seen["targets"][i, k], expected, atol=1e-4, rtol=0)
+
+
+def test_views_a_trunk_teacher_never_saw_share_one_trunk_pass_per_view(world, tmp_path, monkeypatch):
+    """The student's views need not be the teachers': fold teachers of one recipe share one trunk
+    pass per view, a view in a teacher's own trunk cache is reused, every other view is cached
+    once on disk, and the logits are those of the whole teacher."""
+    teacher = load_teacher(world.trunk)
+    data = load_course_folder(world.data, classes=teacher.classes, progress=False)
+    own = trunk_cache_path(teacher.config["trunk_cache_key"]).name
+    monkeypatch.setenv("TOOLKIT_CACHE", str(tmp_path))
+    (tmp_path / own).write_bytes((world.cache / own).read_bytes())
+    views = sample_view_params(len(data), 4, 8, 11)  # identity and mirror are in the teacher's cache
+    needed = torch.ones(2, len(data), dtype=torch.bool)
+    needed[1, ::2] = False
+    calls = []
+    real = toolkit.trunk.compute_trunk_features
+    monkeypatch.setattr(toolkit.trunk, "compute_trunk_features", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    twin = load_teacher(world.trunk)  # another fold teacher of the same recipe: the same frozen trunk
+    logits = members_view_logits([teacher, twin], data.rgb, views, data.fingerprint, needed)
+    assert [c.shape[1] for c in calls] == [1, 1] and torch.equal(torch.cat(calls, 1), views[:, 2:])
+    assert len(list(tmp_path.glob("view-trunk-*.pt"))) == 2
+    whole = teacher_view_logits(teacher, data.rgb, views, "another-fingerprint")  # no cache: the full model
+    torch.testing.assert_close(logits[0].softmax(-1), whole.softmax(-1), atol=2e-3, rtol=0)
+    assert torch.equal(logits[1][needed[1]], logits[0][needed[1]]) and not logits[1][~needed[1]].any()
+    calls.clear()
+    assert torch.equal(members_view_logits([teacher, twin], data.rgb, views, data.fingerprint, needed), logits)
+    assert calls == []  # every view from disk the second time
 
 
 def test_frozen_trunk_path_equals_full_forward(world, shared_cache):

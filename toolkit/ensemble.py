@@ -21,7 +21,8 @@ from .backbones import TeacherError
 from .ensemble_fit import fit_weights, greedy_selection, recipe_groups, recipe_oof_log_probs, recipe_weight_matrix
 from .splits import stratified_folds
 from .teachers import TEACHER_FILE, Teacher, find_teacher_folders, load_teacher, predict_logits
-from .trunk import TrunkSplit, stored_trunk_features, trunk_cache_path
+from .trunk import (TrunkSplit, own_trunk_blob, stored_trunk_features, trunk_cache_path, trunk_identity,
+                    view_trunk_features)
 
 log = logging.getLogger(__name__)
 
@@ -101,16 +102,18 @@ def fit_temperature(log_probs: torch.Tensor, labels: torch.Tensor, steps: int = 
 def teacher_view_logits(teacher: Teacher, rgb_u8: torch.Tensor, view_params: torch.Tensor,
                         fingerprint: str = "", batch_size: int = 256,
                         device: str | torch.device = "cpu", only_views: list[int] | None = None,
-                        images: torch.Tensor | None = None) -> torch.Tensor:
+                        images: torch.Tensor | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
     """One teacher's logits on K views of every image: (N, K, 3) params -> (N, K, C) float32
     (or (N, len(only_views), C) for a subset of the views). With ``images`` (indices), only
     those rows are computed; the others are left 0 (for rows the caller masks out anyway).
 
-    When the teacher was trained on cached frozen-trunk features of these very views, only
-    its trainable part runs (on those features): the teacher's cost is paid once.
+    When the teacher was trained on cached frozen-trunk features of these very views, or its
+    trunk's ``features`` (N, K, C', h, w) of them are given, only its trainable part runs on
+    them: the trunk's cost is paid once.
     """
     teacher.to(device).eval()
-    features = stored_trunk_features(teacher, view_params, fingerprint)
+    if features is None:
+        features = stored_trunk_features(teacher, view_params, fingerprint)
     if only_views is not None:
         view_params = view_params[:, only_views]
         features = features[:, only_views] if features is not None else None
@@ -201,6 +204,41 @@ def oof_teacher_mask(teachers: list[Teacher], folds: torch.Tensor,
     return mask
 
 
+@torch.no_grad()
+def members_view_logits(teachers: list[Teacher], rgb_u8: torch.Tensor, view_params: torch.Tensor,
+                        fingerprint: str, needed: torch.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:
+    """(M, N, K, C) logits of every teacher on K views of the images it labels (``needed``: (M, N)
+    bool; other rows 0).
+
+    A teacher whose own trunk cache holds exactly these views runs its head on it. Teachers with a
+    frozen trunk but other views (the student trains on more views than the teachers did) share
+    one pass of that trunk per view and recipe (``trunk.view_trunk_features``: the fold teachers
+    of a recipe have one frozen trunk; each view is cached on disk once); the rest run whole.
+    """
+    out: list[torch.Tensor | None] = [None] * len(teachers)
+    groups: dict[str, list[tuple[int, TrunkSplit]]] = {}
+    identities = {}
+    for m, t in enumerate(teachers):
+        rows = needed[m].nonzero().flatten()
+        frozen = getattr(t, "config", {}).get("frozen_stages", 0)
+        if frozen and fingerprint and stored_trunk_features(t, view_params, fingerprint) is None:
+            split = TrunkSplit(t.backbone, frozen).eval()
+            identity = trunk_identity(t.prepare, split, fingerprint, channels=rgb_u8.shape[1])
+            identities[identity.hexdigest()] = identity
+            groups.setdefault(identity.hexdigest(), []).append((m, split))
+        else:
+            out[m] = teacher_view_logits(t, rgb_u8, view_params, fingerprint, device=device, images=rows)
+    for key, members in groups.items():  # one recipe's trunk at a time: its features (N, K, C', h, w) in memory
+        lead, split = members[0]
+        features = view_trunk_features(identities[key], teachers[lead].to(device), split, rgb_u8, view_params,
+                                       own=own_trunk_blob(teachers[lead], fingerprint), device=device)
+        for m, _ in members:
+            out[m] = teacher_view_logits(teachers[m], rgb_u8, view_params, fingerprint, device=device,
+                                         images=needed[m].nonzero().flatten(), features=features)
+        del features
+    return torch.stack(out)
+
+
 def val_seen_by_teachers(teachers: list[Teacher], folds: torch.Tensor, labels: torch.Tensor,
                          val_idx: torch.Tensor) -> int:
     """How many val images some teacher trained on (each teacher's own k-fold, from its config),
@@ -289,9 +327,7 @@ def view_soft_targets(ensemble: Ensemble, data, view_params: torch.Tensor, folds
     # with out-of-fold fold teachers. Rows it does not label stay 0 and are masked out.
     needed = mask.clone()
     needed[:, val_idx] = True
-    member_logits = torch.stack([teacher_view_logits(t, data.rgb, view_params, data.fingerprint, device=device,
-                                                     images=needed[m].nonzero().flatten())
-                                 for m, t in enumerate(teachers)])                      # (M, N, K, C)
+    member_logits = members_view_logits(teachers, data.rgb, view_params, data.fingerprint, needed, device)  # (M, N, K, C)
     # Images some teacher never saw: their identity-view predictions are out-of-fold, the only
     # ones weights and temperature may be fitted on.
     oof_images = ~mask.all(0)                                                            # (N,)

@@ -213,19 +213,11 @@ def student_trunk_features(student: torch.nn.Module, frozen_stages: int, grey_u8
     on K views of the server's grey images). Computed once and kept on disk, keyed by all they
     depend on: the student's input transform, the frozen modules (structure and every weight and
     statistic), the views and the data's fingerprint."""
-    import hashlib
-    from .trunk import TrunkSplit, cached_trunk_features, trunk_cache_path
+    from .trunk import TrunkSplit, cached_trunk_features, trunk_cache_path, trunk_identity
     split = TrunkSplit(student, frozen_stages)
     student_input = StudentInput(student)
-    h = hashlib.sha1(f"{fingerprint}|{split.trunk_modules()!r}".encode())
-    # The student's own input transform (grey -> resize -> normalise) on a fixed probe: any
-    # change to it (MyCNN's input_size, mean/std) changes the key.
-    probe = torch.arange(2 * 100 * 100, dtype=torch.int64).remainder(251).to(torch.uint8).view(2, 1, 100, 100)
-    with torch.no_grad():
-        h.update(student_input.prepare(probe).cpu().contiguous().numpy().tobytes())
-    for m in split.trunk_modules():
-        for t in m.state_dict().values():
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    # any change to the student's input transform (MyCNN's input_size, mean/std) changes the key
+    h = trunk_identity(student_input.prepare, split, fingerprint, channels=1)
     h.update(view_params.contiguous().numpy().tobytes())
     path = trunk_cache_path(h.hexdigest()[:16], prefix="student-trunk")
     features = cached_trunk_features(path, student_input, split, grey_u8, view_params, device,

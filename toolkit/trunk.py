@@ -156,20 +156,62 @@ def cached_trunk_features(path: Path, teacher, split: TrunkSplit, images_u8: tor
     return features
 
 
-def stored_trunk_features(teacher, view_params: torch.Tensor, fingerprint: str) -> torch.Tensor | None:
-    """The teacher's own frozen-trunk features for exactly these views, if on disk."""
+def own_trunk_blob(teacher, fingerprint: str) -> dict | None:
+    """{"features": (N, K, C', h, w), "view_params": (N, K, 3)}: the trunk cache the teacher was
+    trained on, if it is on disk and made from this data; else None."""
     key = getattr(teacher, "config", {}).get("trunk_cache_key")
-    if not key:
+    if not key or teacher.config.get("data_fingerprint", fingerprint) != fingerprint:
         return None
     path = trunk_cache_path(key)
     if not path.is_file():
         return None
     try:
-        blob = load_trunk_file(path, path.stat().st_mtime_ns)
+        return load_trunk_file(path, path.stat().st_mtime_ns)
     except Exception:
         return None
-    if blob["view_params"].shape != view_params.shape or not torch.equal(blob["view_params"], view_params):
-        return None
-    if teacher.config.get("data_fingerprint", fingerprint) != fingerprint:
+
+
+def stored_trunk_features(teacher, view_params: torch.Tensor, fingerprint: str) -> torch.Tensor | None:
+    """The teacher's own frozen-trunk features for exactly these views, if on disk."""
+    blob = own_trunk_blob(teacher, fingerprint)
+    if blob is None or blob["view_params"].shape != view_params.shape or not torch.equal(blob["view_params"], view_params):
         return None
     return blob["features"]
+
+
+def trunk_identity(prepare, split: TrunkSplit, fingerprint: str, channels: int) -> "hashlib._Hash":
+    """A hash of everything a frozen trunk's features depend on except the views: the data, the
+    input transform ``prepare`` (seen on a fixed probe: size, grey/RGB, mean/std) and the frozen
+    modules (structure, every weight and statistic). Fold teachers of one recipe share it."""
+    h = hashlib.sha1(f"{fingerprint}|{split.trunk_modules()!r}".encode())
+    probe = torch.arange(2 * channels * 100 * 100, dtype=torch.int64).remainder(251).to(torch.uint8)
+    with torch.no_grad():
+        h.update(prepare(probe.view(2, channels, 100, 100)).cpu().contiguous().numpy().tobytes())
+    for m in split.trunk_modules():
+        for t in m.state_dict().values():
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h
+
+
+def view_trunk_features(identity: "hashlib._Hash", teacher, split: TrunkSplit, images_u8: torch.Tensor,
+                        view_params: torch.Tensor, own: dict | None = None, device: str | torch.device = "cpu",
+                        save: bool = True) -> torch.Tensor:
+    """(N, K, C', h, w) fp16 trunk features of K views that need not be the ones the trunk's
+    teachers were trained on (the student's views). A view in ``own`` (a teacher's trunk cache,
+    ``own_trunk_blob``) is taken from it; every other view comes from a cache file of its own
+    ('view-trunk-<key>', key: ``identity`` and the view), so each view of each backbone is
+    computed once, whichever set of views a later run asks for."""
+    columns = []
+    for j in range(view_params.shape[1]):
+        params = view_params[:, j:j + 1]
+        if own is not None and own["view_params"].shape[0] == params.shape[0]:
+            match = [i for i in range(own["view_params"].shape[1]) if torch.equal(own["view_params"][:, i:i + 1], params)]
+            if match:
+                columns.append(own["features"][:, match[0]])
+                continue
+        h = identity.copy()
+        h.update(params.contiguous().numpy().tobytes())
+        path = trunk_cache_path(h.hexdigest()[:16], prefix="view-trunk")
+        columns.append(cached_trunk_features(path, teacher, split, images_u8, params, device, save=save,
+                                             desc=f"trunk features, view {j + 1}/{view_params.shape[1]}")[:, 0])
+    return torch.stack(columns, 1)
