@@ -27,7 +27,7 @@ from helpers_distill import (CLASSES, ROOT, build_tiny_teacher, distill_argv, fi
                              write_arch)
 from toolkit.augment import apply_views, sample_view_params
 from toolkit.data import DataError, load_course_folder
-from toolkit.splits import stratified_folds
+from toolkit.splits import stratified_folds, val_seen_by_teachers
 from toolkit.student import ContractError, check_state_dict_matches, load_student
 from toolkit.backbones import TeacherError
 import toolkit.trunk
@@ -362,14 +362,14 @@ def test_val_images_a_teacher_trained_on_are_counted_and_warned(caplog):
     labels = torch.arange(40) % 4
     teachers = [fake(f, 4, exclude=[0]) for f in (1, 2, 3)]
     same = stratified_folds(labels, 4, 0)
-    assert toolkit.ensemble.val_seen_by_teachers(teachers, same, labels, (same == 0).nonzero().flatten()) == 0
+    assert val_seen_by_teachers(teachers, same, labels, (same == 0).nonzero().flatten()) == 0
     assert not caplog.records
     other = stratified_folds(labels, 4, 1)
     val = (other == 0).nonzero().flatten()
     expected = int((same[val] != 0).sum())
     assert 0 < expected < len(val)
-    with caplog.at_level("WARNING", logger="toolkit.ensemble"):
-        assert toolkit.ensemble.val_seen_by_teachers(teachers, other, labels, val) == expected
+    with caplog.at_level("WARNING", logger="toolkit.splits"):
+        assert val_seen_by_teachers(teachers, other, labels, val) == expected
     assert f"{expected} of {len(val)} val images were training images of some teacher" in caplog.text
 
 

@@ -7,7 +7,6 @@ never trained on it (out-of-fold masks from each teacher's recorded k-fold).
 """
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 
@@ -19,12 +18,10 @@ from tqdm import tqdm
 from .augment import apply_views, sample_view_params
 from .backbones import TeacherError
 from .ensemble_fit import fit_weights, greedy_selection, recipe_groups, recipe_oof_log_probs, recipe_weight_matrix
-from .splits import stratified_folds
+from .splits import teacher_saw, val_seen_by_teachers
 from .teachers import TEACHER_FILE, Teacher, find_teacher_folders, load_teacher, predict_logits
 from .trunk import (TrunkSplit, own_trunk_blob, stored_trunk_features, trunk_cache_path, trunk_identity,
                     view_trunk_features)
-
-log = logging.getLogger(__name__)
 
 
 class Ensemble(nn.Module):
@@ -176,20 +173,6 @@ def combine_view_targets(member_logits: torch.Tensor, weights: torch.Tensor,
     return torch.logsumexp(log_p, 0).softmax(-1)
 
 
-def teacher_saw(teacher: Teacher, folds: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-    """(N,) bool: which images ``teacher`` trained on, from the k-fold recorded in its config.
-
-    With ``labels``, the teacher's own k-fold is recomputed from its config's ``folds`` and
-    ``seed`` (stratified_folds is deterministic), so a caller using another k or seed for its
-    own split (``folds``) still gets the images the teacher really trained on.
-    """
-    cfg = getattr(teacher, "config", {})
-    if labels is not None and "folds" in cfg and "seed" in cfg:
-        folds = stratified_folds(labels, int(cfg["folds"]), int(cfg["seed"]))
-    held_out = set(cfg.get("exclude_folds", [])) | {cfg.get("fold", -1)}
-    return ~torch.isin(folds, torch.tensor(sorted(held_out)))
-
-
 def oof_teacher_mask(teachers: list[Teacher], folds: torch.Tensor,
                      labels: torch.Tensor | None = None) -> torch.Tensor:
     """(M, N) bool: which teachers label each image.
@@ -237,20 +220,6 @@ def members_view_logits(teachers: list[Teacher], rgb_u8: torch.Tensor, view_para
                                          images=needed[m].nonzero().flatten(), features=features)
         del features
     return torch.stack(out)
-
-
-def val_seen_by_teachers(teachers: list[Teacher], folds: torch.Tensor, labels: torch.Tensor,
-                         val_idx: torch.Tensor) -> int:
-    """How many val images some teacher trained on (each teacher's own k-fold, from its config),
-    with a warning when there are any: then the student's val accuracy is no held-out estimate
-    (e.g. nested teachers made with one split seed, the student split with another)."""
-    if not len(val_idx) or not teachers:
-        return 0
-    seen = int(torch.stack([teacher_saw(t, folds, labels)[val_idx] for t in teachers]).any(0).sum())
-    if seen:
-        log.warning(f"warning: {seen} of {len(val_idx)} val images were training images of some teacher: the "
-                    "student's val accuracy is not a held-out estimate (teachers split with another --split-seed?)")
-    return seen
 
 
 @torch.no_grad()

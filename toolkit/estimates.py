@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 
 from .data import CourseData, DataError
-from .splits import stratified_folds
-from .ensemble import teacher_saw
+from .splits import stratified_folds, teacher_saw
 
 
 def teacher_seen(teachers: list, data: CourseData, idx: torch.Tensor) -> list[torch.Tensor | None]:

@@ -1,12 +1,16 @@
-"""Splits and sampling: stratified k-folds (seeded, deterministic) and a class-balanced sampler
-that shards each epoch's draw over DDP ranks."""
+"""Splits and sampling: stratified k-folds (seeded, deterministic), which images a teacher
+trained on (from the k-fold its config records), and a class-balanced sampler that shards each
+epoch's draw over DDP ranks."""
 from __future__ import annotations
 
+import logging
 import random
 
 import torch
 
 from .data import DataError
+
+log = logging.getLogger(__name__)
 
 
 def fold_split(labels: torch.Tensor, k: int, seed: int, val_fold: int, exclude_folds=()
@@ -112,3 +116,31 @@ def check_split(data, train_idx: torch.Tensor, val_idx: torch.Tensor, val_fold: 
                             f"every one in the held-out or excluded folds)")
     if val_fold >= 0 and len(val_idx) == 0:
         raise DataError(f"{where}: held-out fold {val_fold} holds no images ({len(data)} images in all)")
+
+
+def teacher_saw(teacher, folds: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """(N,) bool: which images ``teacher`` trained on, from the k-fold recorded in its config.
+
+    With ``labels``, the teacher's own k-fold is recomputed from its config's ``folds`` and
+    ``seed`` (stratified_folds is deterministic), so a caller using another k or seed for its
+    own split (``folds``) still gets the images the teacher really trained on.
+    """
+    cfg = getattr(teacher, "config", {})
+    if labels is not None and "folds" in cfg and "seed" in cfg:
+        folds = stratified_folds(labels, int(cfg["folds"]), int(cfg["seed"]))
+    held_out = set(cfg.get("exclude_folds", [])) | {cfg.get("fold", -1)}
+    return ~torch.isin(folds, torch.tensor(sorted(held_out)))
+
+
+def val_seen_by_teachers(teachers: list, folds: torch.Tensor, labels: torch.Tensor,
+                         val_idx: torch.Tensor) -> int:
+    """How many val images some teacher trained on (each teacher's own k-fold, from its config),
+    with a warning when there are any: then the student's val accuracy is no held-out estimate
+    (e.g. nested teachers made with one split seed, the student split with another)."""
+    if not len(val_idx) or not teachers:
+        return 0
+    seen = int(torch.stack([teacher_saw(t, folds, labels)[val_idx] for t in teachers]).any(0).sum())
+    if seen:
+        log.warning(f"warning: {seen} of {len(val_idx)} val images were training images of some teacher: the "
+                    "student's val accuracy is not a held-out estimate (teachers split with another --split-seed?)")
+    return seen
