@@ -199,23 +199,21 @@ def members_view_logits(teachers: list[Teacher], rgb_u8: torch.Tensor, view_para
     of a recipe have one frozen trunk; each view is cached on disk once); the rest run whole.
     """
     out: list[torch.Tensor | None] = [None] * len(teachers)
-    groups: dict[str, list[tuple[int, TrunkSplit]]] = {}
-    identities = {}
+    groups: dict[str, tuple] = {}  # trunk identity digest -> (its hash, lead's TrunkSplit, member indices)
     for m, t in enumerate(teachers):
-        rows = needed[m].nonzero().flatten()
         frozen = getattr(t, "config", {}).get("frozen_stages", 0)
         if frozen and fingerprint and stored_trunk_features(t, view_params, fingerprint) is None:
             split = TrunkSplit(t.backbone, frozen).eval()
             identity = trunk_identity(t.prepare, split, fingerprint, channels=rgb_u8.shape[1])
-            identities[identity.hexdigest()] = identity
-            groups.setdefault(identity.hexdigest(), []).append((m, split))
+            groups.setdefault(identity.hexdigest(), (identity, split, []))[2].append(m)
         else:
-            out[m] = teacher_view_logits(t, rgb_u8, view_params, fingerprint, device=device, images=rows)
-    for key, members in groups.items():  # one recipe's trunk at a time: its features (N, K, C', h, w) in memory
-        lead, split = members[0]
-        features = view_trunk_features(identities[key], teachers[lead].to(device), split, rgb_u8, view_params,
-                                       own=own_trunk_blob(teachers[lead], fingerprint), device=device)
-        for m, _ in members:
+            out[m] = teacher_view_logits(t, rgb_u8, view_params, fingerprint, device=device,
+                                         images=needed[m].nonzero().flatten())
+    for identity, split, members in groups.values():  # one recipe's trunk at a time: (N, K, C', h, w) in memory
+        lead = teachers[members[0]]
+        features = view_trunk_features(identity, lead.to(device), split, rgb_u8, view_params,
+                                       own=own_trunk_blob(lead, fingerprint), device=device)
+        for m in members:
             out[m] = teacher_view_logits(teachers[m], rgb_u8, view_params, fingerprint, device=device,
                                          images=needed[m].nonzero().flatten(), features=features)
         del features
