@@ -175,4 +175,4 @@ class MyCNN(nn.Module):
                     m.keep_fused, m.fused = False, None
 
 
-model = MyCNN(input_size=128, eval_chunk=16)
+model = MyCNN(input_size=144, eval_chunk=16)

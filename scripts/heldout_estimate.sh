@@ -9,4 +9,4 @@ set -euo pipefail
 DATA=${1:-../shared/data/training_data}; VAL=${2:-0}; SEED=${3:-0}; OUT=${4:-runs/estimate_v${VAL}_s${SEED}}
 shift $(( $# < 4 ? $# : 4 ))
 ${PYTHON:-python} pipeline.py --data "$DATA" --heldout-fold "$VAL" --seed "$SEED" --teachers-root "$OUT/teachers" \
-    --out "$OUT/distilled/model.pth" --work-dir "$OUT" --no-report --scratch-control "$@"
+    --out "$OUT/distilled/model.pth" --work-dir "$OUT" --no-report --scratch-control --folds 5 "$@"

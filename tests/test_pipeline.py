@@ -61,9 +61,10 @@ def test_heldout_fold_is_never_trained_on_by_teachers_or_student(tmp_path, monke
     root = tmp_path / "teachers"
     pipeline.main(["--data", course, "--teachers-root", str(root), "--folds", "3", "--no-report",
                    "--heldout-fold", "1", "--scratch-control", "--views", "2",
+                   "--teacher-recipes", "efficientnet_lite0@224", "efficientnet_lite2@224",
                    "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "model.pth")])
     teachers = [argv for kind, argv in calls if kind == "teacher"]
-    assert [argv[argv.index("--fold") + 1] for argv in teachers] == ["0", "2"]
+    assert [argv[argv.index("--fold") + 1] for argv in teachers] == ["0", "2", "0", "2"]  # each recipe
     assert all(argv[argv.index("--exclude-folds") + 1] == "1" for argv in teachers)
     student, control = [argv for kind, argv in calls if kind == "distill"]
     for argv in (student, control):
