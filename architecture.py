@@ -103,7 +103,7 @@ class MyCNN(nn.Module):
         # model); None keeps the input's own size. ImageNet features work better on larger
         # objects than a 100-px image holds.
         self.input_size = input_size
-        self.conv_stem, self.bn1 = conv(1, stem_width, 3, 2), BatchNormAct(stem_width)   # 128 -> 64
+        self.conv_stem, self.bn1 = conv(1, stem_width, 3, 2), BatchNormAct(stem_width)   # 144 -> 72
         blocks, c_in = [], stem_width
         for kind, kernel, stride, expansion, c_out, repeats in stages:
             stage = []
@@ -113,7 +113,7 @@ class MyCNN(nn.Module):
                              else InvertedResidual(c_in, c_out, kernel, s, expansion))
                 c_in = c_out
             blocks.append(nn.Sequential(*stage))
-        self.blocks = nn.Sequential(*blocks)                                # 64 -> 32 -> 16 -> 8 -> 4
+        self.blocks = nn.Sequential(*blocks)                                # 72 -> 36 -> 18 -> 9 -> 5
         self.conv_head, self.bn2 = conv(c_in, head_width), BatchNormAct(head_width)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(head_width, num_classes)

@@ -73,3 +73,29 @@ def test_heldout_fold_is_never_trained_on_by_teachers_or_student(tmp_path, monke
     assert control[:control.index("--scratch")] == student[:control.index("--scratch")]
     with pytest.raises(DataError, match="--heldout-fold: fold 3 does not exist"):
         pipeline.main(["--data", course, "--folds", "3", "--heldout-fold", "3"])
+
+
+def test_default_teachers_are_larger_than_the_student():
+    """The design asks for teachers larger than the student: each default recipe's teacher costs
+    more than the shipped MyCNN per image (MACs at their own input sizes: lite0@224 384 M, lite2@224
+    575 M, the student at 144 px 168 M), and the ensemble holds a backbone with more parameters."""
+    from pathlib import Path
+
+    import torch
+
+    from toolkit.metrics import count_macs, parameter_count
+    from toolkit.teachers import build_teacher
+    ns: dict = {}
+    exec((Path(pipeline.__file__).parent / "architecture.py").read_text(), ns)  # noqa: S102 - the server's way
+    student = ns["model"]
+    student_macs = count_macs(student, torch.zeros(1, 1, 100, 100))
+    classes = [f"c{i}" for i in range(20)]
+    teachers = []
+    for recipe in pipeline.PipelineConfig().teacher_recipes:
+        _, flags = pipeline.parse_recipe(recipe)
+        model, size = flags[flags.index("--model") + 1], int(flags[flags.index("--input-size") + 1])
+        teachers.append(build_teacher(model, classes, "rgb", size, pretrained="none"))
+    assert len({t.model_name for t in teachers}) >= 2  # a heterogeneous ensemble
+    for t in teachers:
+        assert count_macs(t, torch.zeros(1, 3, 100, 100, dtype=torch.uint8)) > 1.5 * student_macs, t.model_name
+    assert max(parameter_count(t) for t in teachers) > 1.25 * parameter_count(student)  # lite2: 4.8 M vs 3.4 M
