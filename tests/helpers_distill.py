@@ -178,8 +178,12 @@ def serialise(obj) -> bytes:
 #         "replace:NAME:J"  inside the J-th atomic write of NAME, after its temp file is
 #                      complete and before the rename (os.replace) that publishes it.
 KILL_WRAPPER = r'''
-import os, sys, time, runpy
+import os, signal, sys, time, runpy
 from pathlib import Path
+# A run started from a non-interactive shell's background job (`cmd &`, as CI scripts may do)
+# inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler: restore it, as
+# an interactive terminal would have it, so the Ctrl-C tests send a signal the run can see.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 root, marker, point = sys.argv[1], Path(sys.argv[2]), sys.argv[3].split(":")
 sys.path.insert(0, root)
 counts = {}
