@@ -466,11 +466,16 @@ def test_real_ctrl_c_ends_with_one_line_and_resume_works(world, tmp_path):
     argv = distill_argv(world.data, world.arch, out, work, scratch=True, epochs=2, checkpoint_every=1)
     proc, marker = start_paused_run(tmp_path / "kill", "step:2", argv, world.cache)
     deadline = time.time() + 120
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert marker.exists(), (tmp_path / "kill" / "run.log").read_text()[-2000:]
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) == 130
+    try:
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), (tmp_path / "kill" / "run.log").read_text()[-2000:]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+    finally:  # a failed run must not stay paused (and hold its memory) after the test
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     log = (tmp_path / "kill" / "run.log").read_text()
     assert "Traceback" not in log
     lines = [line for line in log.splitlines() if line.startswith("interrupted:")]
