@@ -44,8 +44,9 @@ class PipelineConfig:
                                 path="out_dir")
     # Each recipe is trained as `folds` fold teachers (teachers_root/<name>_f<fold>); the ensemble
     # is every fold teacher of every recipe.
-    teacher_recipes: list[str] = option(["efficientnet_lite0@224", "efficientnet_lite2@224"], "teacher recipes MODEL@SIZE[:flag=value,...] "
-                                        "with flags of train_teacher.py, e.g. efficientnet_lite2@260:epochs=8")
+    teacher_recipes: list[str] = option(["efficientnet_lite0@224", "efficientnet_lite2@224"],
+                                        "teacher recipes MODEL@SIZE[:flag=value,...] with flags of "
+                                        "train_teacher.py, e.g. efficientnet_lite2@260:epochs=8")
     pretrained: str = option("offline", "teachers' start weights", choices=("hub", "offline", "none"),
                              or_file=True)
     teacher_epochs: int = option(6, "epochs per fold teacher, unless a recipe sets its own", min=1)

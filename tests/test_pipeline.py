@@ -84,10 +84,9 @@ def test_default_teachers_are_larger_than_the_student():
     import torch
 
     from toolkit.metrics import count_macs, parameter_count
+    from toolkit.student import exec_architecture
     from toolkit.teachers import build_teacher
-    ns: dict = {}
-    exec((Path(pipeline.__file__).parent / "architecture.py").read_text(), ns)  # noqa: S102 - the server's way
-    student = ns["model"]
+    student = exec_architecture(Path(pipeline.__file__).parent / "architecture.py")["model"]
     student_macs = count_macs(student, torch.zeros(1, 1, 100, 100))
     classes = [f"c{i}" for i in range(20)]
     teachers = []
