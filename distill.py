@@ -18,6 +18,7 @@ minimise the same objective against the mixed targets (KD: its soft term alone, 
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,16 +32,22 @@ from toolkit.engine import (epoch_index_batches, make_trainer, run_info, save_ru
                             val_metrics)
 from toolkit.ensemble import ensemble_on_val, load_ensemble, view_soft_targets
 from toolkit.io import atomic_save, atomic_write_json, ensure_writable_dir
+from toolkit.locks import hold_locks
 from toolkit.losses import dist_loss, kd_loss, label_smoothing_ce
+from toolkit.recipe import with_recipe_defaults
 from toolkit.splits import ClassBalancedSampler, check_split, fold_split
 from toolkit.student import (ContractError, check_state_dict_matches, exec_architecture, init_student_weights,
                              student_trunk_features)
 
 
-# The schedule, optimiser, sampling, split and device fields come from TrainingRun (toolkit.config).
+# The schedule, optimiser, sampling, split and device fields come from TrainingRun (toolkit.config);
+# every field the recipe sets (toolkit/recipe.py: its `student` section, `folds` and `views`)
+# takes the recipe's value as its default, so `python distill.py` distils the shipped student.
+@with_recipe_defaults
 @dataclass
 class DistillConfig(TrainingRun):
     """Distil the teacher ensemble into MyCNN (architecture.py)."""
+    RECIPE_SECTION = "student"
     data: str = option("../shared/data/training_data", "labelled course folder (labels.csv + images)",
                        path="in_dir")
     teachers: list[str] = option([], "teacher folders; none given: every folder under --teachers-root")
@@ -80,7 +87,8 @@ class DistillConfig(TrainingRun):
 
     def check(self):
         if self.val_fold >= self.folds:
-            return "val_fold", f"fold {self.val_fold} does not exist in a {self.folds}-fold split (0..{self.folds - 1} or -1)"
+            return "val_fold", (f"fold {self.val_fold} does not exist in a {self.folds}-fold split "
+                                f"(0..{self.folds - 1} or -1)")
         if self.teacher_weights and self.teachers and len(self.teacher_weights) != len(self.teachers):
             return "teacher_weights", f"{len(self.teacher_weights)} weights for {len(self.teachers)} teachers"
         if self.teacher_weights and not sum(self.teacher_weights) > 0:
@@ -92,6 +100,12 @@ class DistillConfig(TrainingRun):
 
 def main(argv=None) -> dict:
     cfg, env, device = start_run(DistillConfig, argv)
+    # a second run on the same work folder or model.pth is refused, naming this one
+    with hold_locks(folders=[cfg.work_dir], files=[cfg.out]) if env.is_main else nullcontext():
+        return distil(cfg, env, device)
+
+
+def distil(cfg: DistillConfig, env, device) -> dict:
     work = Path(cfg.work_dir)
     if env.is_main:  # fail now, not after hours of training, when the results cannot be written
         ensure_writable_dir(Path(cfg.out).parent)
@@ -157,6 +171,8 @@ def main(argv=None) -> dict:
                   "run": run_info(cfg.seed, data.fingerprint)}
     atomic_write_json(provenance, Path(cfg.out).with_suffix(".provenance.json"))
     save_run_config(work, asdict(cfg), provenance["run"])
+    if not cfg.keep_checkpoint:
+        trainer.remove_checkpoint()  # the run is in model.pth, its provenance and log.json
     print(f"student saved to {cfg.out}: {val} ensemble: {ens_metrics}", flush=True)
     return provenance
 

@@ -1,61 +1,53 @@
-"""The default recipe end to end: k fold teachers -> distillation -> model.pth -> report.
+"""The recipe end to end: fold teachers -> distillation -> model.pth -> report; resumable.
 
-    python pipeline.py --data ../shared/data/training_data     (./run.sh does set-up + this)
+    python pipeline.py                       (./run.sh does set-up + this)
+    python pipeline.py --recipe alt.yaml     (another recipe: toolkit/recipe.py says what one holds)
 
-Why this recipe (measured on this 2-core CPU, see README, issue 12):
-  * teachers larger and sharper than the student: EfficientNet-Lite0 and -Lite2 from offline
-    ImageNet weights, RGB 224 px (resolution was the lever: lite0 160 -> 224 px is +3.9 points
-    on fold 0; Lite2 adds a point and diversity), stem + 5 stages frozen and their features
-    computed once for 2 views of every image, shared by all folds' teachers and by the
-    soft-target pass (freezing a 6th stage costs 2.5-3 points per teacher);
-  * 3 fold teachers per recipe: each labels the fold it never saw, because soft labels a
-    teacher gives its own training images are over-confident; 3 rather than 5 folds keeps the
-    whole run within 2 hours on 2 cores (each teacher trains on 2/3 of the images, close to
-    the 3/5 of the nested 5-fold estimate);
-  * the student (architecture.py: EfficientNet-Lite0 with a grey stem, the server's 100 px
-    upsampled to 144 inside the model (+2 points over 128 on nested fold 0), from ImageNet
-    weights, stem + 2 stages frozen and cached like the teachers' trunk) learns from those
-    out-of-fold ensemble targets on exactly the views they were computed for, with
-    class-balanced sampling (KD, T = 1, alpha = 0.5), for 10 epochs.
+What is trained is the recipe (toolkit/recipe.py, or --recipe FILE): this script passes the
+other two nothing but paths, the fold, the teacher's name in the recipe and the seed.
+
+Run the same command again after a kill, a crash or a full disk and it continues: finished
+teachers are reused, a half-trained teacher or student resumes from its checkpoint, completely
+written caches are reused (a dead writer's temp files are removed and rebuilt), so model.pth
+comes out byte-identical to an uninterrupted run. One line per stage says what it reused,
+resumed or ran; a second run on the same folders is refused while this one holds them.
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 import yaml
 
 import distill
 import train_teacher
 from toolkit.cli import run_main
-from toolkit.config import ConfigError, option, parse_config
+from toolkit.config import check_recipe_path, option, parse_config
 from toolkit.data import DataError, load_course_folder
+from toolkit.engine import CHECKPOINT, RESUME_IRRELEVANT
 from toolkit.io import atomic_write_json, atomic_write_text
+from toolkit.locks import hold_locks
+from toolkit.recipe import load_recipe
 from toolkit.runlog import setup_logging
+from toolkit.teachers import TEACHER_FILE
 
 
 @dataclass
 class PipelineConfig:
-    """Run the whole default recipe: teachers -> distillation -> model.pth -> report."""
+    """Run the whole recipe: fold teachers -> distillation -> model.pth -> report (resumable)."""
     data: str = option("../shared/data/training_data", "labelled course folder (labels.csv + images)",
                        path="in_dir")
-    teachers_root: str = option("teachers", "where the fold teachers are written (and reused from)",
+    recipe: str = option("", "recipe file (YAML): what differs from the default recipe (toolkit/recipe.py)",
+                         check=check_recipe_path)
+    teachers_root: str = option("teachers", "where the fold teachers <name>_f<fold> are written (and reused from)",
                                 path="out_dir")
-    # Each recipe is trained as `folds` fold teachers (teachers_root/<name>_f<fold>); the ensemble
-    # is every fold teacher of every recipe.
-    teacher_recipes: list[str] = option(["efficientnet_lite0@224", "efficientnet_lite2@224"],
-                                        "teacher recipes MODEL@SIZE[:flag=value,...] with flags of "
-                                        "train_teacher.py, e.g. efficientnet_lite2@260:epochs=8")
-    pretrained: str = option("offline", "teachers' start weights", choices=("hub", "offline", "none"),
-                             or_file=True)
-    teacher_epochs: int = option(6, "epochs per fold teacher, unless a recipe sets its own", min=1)
-    folds: int = option(3, "fold teachers per recipe (k of the k-fold split)", min=2)
-    views: int = option(2, "cached views per image", min=1)
-    student_epochs: int = option(10, "student epochs", min=1)
     seed: int = option(0, "seed of the split, teachers, student and views", min=0)
     out: str = option("model.pth", "the student's state_dict (replaced only by a finished run)", path="out_file")
-    work_dir: str = option("runs/pipeline", "distillation work folder, timings.json, config.yaml", path="out_dir")
+    work_dir: str = option("runs/pipeline", "distillation work folder, stages.json, timings.json, the resolved "
+                           "config.yaml and recipe.yaml", path="out_dir")
     report_dir: str = option("reports/pipeline", "evaluation report folder", path="out_dir")
     heldout_fold: int = option(-1, "nested estimate: no teacher and no student trains on this fold, the "
                                "student's val fold (-1: none; the shipped student trains on every image)", min=-1)
@@ -65,99 +57,203 @@ class PipelineConfig:
     report: bool = option(True, "write the evaluation report at the end")
 
     def check(self):
-        """Every recipe parses and its flags pass train_teacher.py's checks, before any teacher trains."""
-        if self.heldout_fold >= self.folds:
-            return "heldout_fold", f"fold {self.heldout_fold} does not exist in a {self.folds}-fold split"
-        if not self.teacher_recipes:
-            return "teacher_recipes", "no recipe given"
-        for recipe in self.teacher_recipes:
-            try:
-                _, flags = parse_recipe(recipe)
-                parse_config(train_teacher.TeacherConfig, ["--data", self.data, "--out", self.teachers_root,
-                                                           "--pretrained", self.pretrained, *flags])
-            except ConfigError as err:  # a flag of the recipe
-                return "teacher_recipes", f"{recipe!r}: {err}"
-            except DataError as err:  # the recipe's own form
-                return "teacher_recipes", str(err).removeprefix("--teacher-recipes ")
+        """The recipe's teachers and student pass their scripts' checks, before any teacher trains
+        (a bad value raises their ConfigError, which names the recipe file and key)."""
+        recipe = load_recipe(self.recipe)
+        if self.heldout_fold >= recipe.folds:
+            return "heldout_fold", f"fold {self.heldout_fold} does not exist in the recipe's {recipe.folds}-fold split"
+        for name, _ in recipe.members():
+            parse_config(train_teacher.TeacherConfig, teacher_argv(self, name, 0))
+        for scratch in (False, True) if self.scratch_control else (False,):
+            parse_config(distill.DistillConfig, student_argv(self, Path(self.work_dir), scratch))
         return None
+
+
+def teacher_argv(cfg: PipelineConfig, name: str, fold: int) -> list[str]:
+    """All the pipeline tells train_teacher.py: paths, the recipe and its member, the fold, the seed."""
+    nested = ["--exclude-folds", str(cfg.heldout_fold)] if cfg.heldout_fold >= 0 else []
+    return ["--data", cfg.data, *(["--recipe", cfg.recipe] if cfg.recipe else []), "--member", name,
+            "--fold", str(fold), "--seed", str(cfg.seed), "--out", str(Path(cfg.teachers_root) / f"{name}_f{fold}"),
+            *nested]
+
+
+def student_argv(cfg: PipelineConfig, work: Path, scratch: bool = False) -> list[str]:
+    """All the pipeline tells distill.py: paths, the recipe, the held-out fold, the seed."""
+    out = work / "scratch" / "model.pth" if scratch else Path(cfg.out)
+    return ["--data", cfg.data, *(["--recipe", cfg.recipe] if cfg.recipe else []),
+            "--teachers-root", cfg.teachers_root, "--val-fold", str(cfg.heldout_fold), "--seed", str(cfg.seed),
+            "--view-seed", str(cfg.seed), "--out", str(out),
+            "--work-dir", str(work / ("scratch" if scratch else "distill")), *(["--scratch"] if scratch else [])]
 
 
 def main(argv=None) -> dict:
     cfg = parse_config(PipelineConfig, argv)
     setup_logging()
     work = Path(cfg.work_dir)
-    timings: dict[str, float] = {}
+    with hold_locks(folders=[work, cfg.teachers_root, cfg.report_dir], files=[cfg.out]):
+        return run(cfg, work)
 
-    def stage(name, fn):
-        print(f"\n=== {name}", flush=True)
+
+def run(cfg: PipelineConfig, work: Path) -> dict:
+    recipe = load_recipe(cfg.recipe)
+    timings: dict[str, float] = {}
+    statuses: dict[str, str] = {}
+
+    def stage(name, status, fn):
+        print(f"\n=== {name}: {status}", flush=True)
         t0 = time.time()
         result = fn()
-        timings[name] = round(time.time() - t0, 1)
-        print(f"=== {name}: {timings[name]:.0f} s", flush=True)
+        timings[name], statuses[name] = round(time.time() - t0, 1), status
+        print(f"=== {name}: {status}, {timings[name]:.0f} s", flush=True)
         return result
 
-    recipes = [parse_recipe(r) for r in cfg.teacher_recipes]  # (folder name, flags); checked by PipelineConfig
-    stage("decode data (cached)", lambda: load_course_folder(cfg.data))
-    nested = ["--exclude-folds", str(cfg.heldout_fold)] if cfg.heldout_fold >= 0 else []
-    for name, flags in recipes:
-        for fold in (f for f in range(cfg.folds) if f != cfg.heldout_fold):
-            folder = Path(cfg.teachers_root) / f"{name}_f{fold}"
-            if cfg.reuse_teachers and (folder / "teacher.pth").is_file():
-                print(f"reusing teacher {folder}", flush=True)
+    data = stage("decode data", "decoded or read from the cache", lambda: load_course_folder(cfg.data))
+    for name, _ in recipe.members():
+        for fold in (f for f in range(recipe.folds) if f != cfg.heldout_fold):
+            argv = teacher_argv(cfg, name, fold)
+            folder = Path(argv[argv.index("--out") + 1])
+            status = teacher_status(cfg, folder, argv, data.fingerprint)
+            if status.startswith("reused"):
+                print(f"=== teacher {name} fold {fold}: {status}", flush=True)
+                statuses[f"teacher {name} fold {fold}"] = status
                 continue
-            stage(f"teacher {name} fold {fold}", lambda: train_teacher.main([
-                "--data", cfg.data, "--pretrained", cfg.pretrained, "--epochs", str(cfg.teacher_epochs),
-                "--views", str(cfg.views), "--folds", str(cfg.folds), "--fold", str(fold),
-                "--seed", str(cfg.seed), "--out", str(folder), *nested, *flags]))
-    student = ["--data", cfg.data, "--views", str(cfg.views), "--folds", str(cfg.folds),
-               "--val-fold", str(cfg.heldout_fold), "--epochs", str(cfg.student_epochs),
-               "--seed", str(cfg.seed), "--view-seed", str(cfg.seed)]
-    stage("distil student", lambda: distill.main([
-        *student, "--teachers-root", cfg.teachers_root, "--out", cfg.out, "--work-dir", str(work / "distill")]))
-    if cfg.scratch_control:
-        stage("hard-label control", lambda: distill.main([
-            *student, "--scratch", "--out", str(work / "scratch" / "model.pth"), "--work-dir", str(work / "scratch")]))
+            stage(f"teacher {name} fold {fold}", status,
+                  lambda: train_teacher.main(argv + (["--resume"] if status.startswith("resumed") else [])))
+
+    teachers_sha = teachers_digest(cfg.teachers_root)
+    record_path = work / "stages.json"
+    for scratch in [False] + ([True] if cfg.scratch_control else []):
+        argv = student_argv(cfg, work, scratch)
+        name = "hard-label control" if scratch else "distil student"
+        status = student_status(argv, record_path, teachers_sha, scratch)
+        if status.startswith("reused"):
+            print(f"=== {name}: {status}", flush=True)
+            statuses[name] = status
+            continue
+        record_stage(record_path, name, {"teachers": teachers_sha, "finished": None})
+        stage(name, status, lambda: distill.main(argv + (["--resume"] if status.startswith("resumed") else [])))
+        out = Path(argv[argv.index("--out") + 1])
+        record_stage(record_path, name, {"teachers": teachers_sha, "finished": file_digest(out)})
+
     if cfg.report:
         from toolkit import evaluate
         from toolkit.estimates import find_heldout
         from toolkit.teachers import find_teacher_folders
         # The report leads with the fold teachers' and the ensemble's out-of-fold accuracies and
-        # any nested held-out student estimate scripts/heldout_estimate.sh left under runs/; the
-        # shipped student trained on every image, so its own scores there are in-sample.
+        # any nested held-out student estimate found under runs/; the shipped student trained on
+        # every image, so its own scores there are in-sample.
         teacher_dirs = [str(p) for p in find_teacher_folders(cfg.teachers_root)]
         heldout = [str(p) for p in find_heldout("runs")]
-        stage("evaluation report", lambda: evaluate.main([
-            "report", "--data", cfg.data, "--weights", cfg.out, "--out", cfg.report_dir,
+        arch = parse_config(distill.DistillConfig, student_argv(cfg, work)).arch  # the recipe's student
+        stage("evaluation report", "written anew (a few minutes; not resumable)", lambda: evaluate.main([
+            "report", "--data", cfg.data, "--arch", arch, "--weights", cfg.out, "--out", cfg.report_dir,
             "--teachers", *teacher_dirs, *(["--heldout", *heldout] if heldout else [])]))
 
     timings["total"] = round(sum(timings.values()), 1)
-    atomic_write_json({"config": asdict(cfg), "seconds": timings}, work / "timings.json")
+    atomic_write_json({"config": asdict(cfg), "seconds": timings, "status": statuses}, work / "timings.json")
     atomic_write_text(yaml.safe_dump(asdict(cfg), sort_keys=False), work / "config.yaml")  # replays with --config
-    print("\nstage                          seconds")
-    for name, seconds in timings.items():
-        print(f"{name:<30} {seconds:>7.0f}")
+    atomic_write_text(yaml.safe_dump(recipe.as_yaml_dict(), sort_keys=False), work / "recipe.yaml")  # --recipe
+    print(f"\n{'stage':<34} {'seconds':>7}  what happened")
+    for name, status in statuses.items():
+        print(f"{name:<34} {timings.get(name, 0):>7.0f}  {status}")
+    print(f"{'total':<34} {timings['total']:>7.0f}")
     return timings
 
 
-def parse_recipe(recipe: str) -> tuple[str, list[str]]:
-    """'efficientnet_lite2@260:epochs=8,frozen_stages=5' -> ('lite2_260px', [train_teacher flags]);
-    later flags win, so a recipe's own epochs override --teacher-epochs."""
-    head, _, extra = recipe.partition(":")
-    model, _, size = head.partition("@")
-    if not model or not size.isdigit():
-        raise DataError(f"--teacher-recipes {recipe!r}: expected MODEL@SIZE[:flag=value,...]")
-    flags = ["--model", model, "--input-size", size]
-    for item in filter(None, extra.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise DataError(f"--teacher-recipes {recipe!r}: {item!r} is not flag=value")
-        flags += ["--" + key.strip().replace("_", "-"), value.strip()]
-    return f"{model.replace('efficientnet_', '')}_{size}px", flags
+# ----------------------------------------------------------------------------------------
+# What each stage can reuse or resume
+# ----------------------------------------------------------------------------------------
+def teacher_status(cfg: PipelineConfig, folder: Path, argv: list[str], fingerprint: str) -> str:
+    """'reused ...' (a finished teacher of this very recipe, fold and data), 'resumed ...' (a
+    checkpoint of an unfinished one) or 'trained'. A finished teacher of another recipe or data
+    in the way is refused (DataError): the pipeline never mixes recipes silently."""
+    if cfg.reuse_teachers and (folder / TEACHER_FILE).is_file():
+        problem = teacher_mismatch(folder, argv, fingerprint)
+        if problem:
+            raise DataError(f"{folder}: a finished teacher of another run is in the way ({problem}); move it "
+                            "away, or use another --teachers-root")
+        stray = folder / CHECKPOINT
+        if stray.is_file():  # killed between writing teacher.pth and removing its checkpoint
+            stray.unlink()
+        return "reused (finished earlier)"
+    checkpoint = folder / CHECKPOINT
+    if checkpoint.is_file():
+        return f"resumed from its checkpoint ({checkpoint_position(checkpoint)})"
+    return "trained"
+
+
+def teacher_mismatch(folder: Path, argv: list[str], fingerprint: str) -> str | None:
+    """How a finished teacher's recorded config differs from what ``argv`` would train, or None."""
+    try:
+        saved = yaml.safe_load((folder / "config.yaml").read_text())
+        assert isinstance(saved, dict)
+    except (OSError, yaml.YAMLError, AssertionError):
+        return "its config.yaml is missing or unreadable"
+    if saved.get("data_fingerprint", fingerprint) != fingerprint:
+        return "trained on other data"
+    wanted = asdict(parse_config(train_teacher.TeacherConfig, argv))
+    changed = sorted(k for k in wanted if k not in RESUME_IRRELEVANT and k in saved and saved[k] != wanted[k])
+    if changed:
+        k = changed[0]
+        more = f", and {len(changed) - 1} more" if len(changed) > 1 else ""
+        return f"{k} was {saved[k]!r}, this recipe says {wanted[k]!r}{more}"
+    return None
+
+
+def student_status(argv: list[str], record_path: Path, teachers_sha: str, scratch: bool) -> str:
+    """'reused ...' (its model.pth is the one this run's student stage finished with, from these
+    very teachers), 'resumed ...' (a checkpoint of the same student from the same teachers) or 'trained'."""
+    name = "hard-label control" if scratch else "distil student"
+    record = read_records(record_path).get(name, {})
+    out = Path(argv[argv.index("--out") + 1])
+    same_teachers = scratch or record.get("teachers") == teachers_sha
+    if same_teachers and record.get("finished") and out.is_file() and record["finished"] == file_digest(out):
+        return "reused (finished earlier)"
+    checkpoint = Path(argv[argv.index("--work-dir") + 1]) / CHECKPOINT
+    if checkpoint.is_file():
+        if same_teachers and record:
+            return f"resumed from its checkpoint ({checkpoint_position(checkpoint)})"
+        checkpoint.unlink()  # the teachers changed since: its soft targets are not this run's
+        return "trained (the checkpoint there came from other teachers: removed)"
+    return "trained"
+
+
+def checkpoint_position(path: Path) -> str:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        return f"epoch {state['epoch'] + 1}, step {state['global_step']}"
+    except Exception as err:  # the script itself will refuse it with a clear line
+        return f"unreadable: {type(err).__name__}"
+
+
+def file_digest(path: Path) -> str | None:
+    return hashlib.sha1(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def teachers_digest(root: str) -> str:
+    """One hash of every teacher.pth under ``root``: the student's soft targets depend on them."""
+    from toolkit.teachers import find_teacher_folders
+    h = hashlib.sha1()
+    for folder in find_teacher_folders(root):
+        h.update(f"{folder.name}:{file_digest(folder / TEACHER_FILE)}".encode())
+    return h.hexdigest()
+
+
+def read_records(path: Path) -> dict:
+    import json
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def record_stage(path: Path, name: str, record: dict) -> None:
+    atomic_write_json(read_records(path) | {name: record}, path)
 
 
 def cli() -> None:
     """The console script ``toolkit-pipeline`` (pyproject.toml)."""
-    run_main(main, resume_hint="finished fold teachers are kept: run the same command again to reuse them")
+    run_main(main, resume_hint="run the same command again: it continues where it stopped")
 
 
 if __name__ == "__main__":

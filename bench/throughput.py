@@ -69,7 +69,8 @@ def main():
     torch.manual_seed(0)
     data = load_course_folder(args.data, progress=False)
     folders = args.teachers if args.teachers is not None else [str(p) for p in find_teacher_folders("teachers")]
-    teachers = [load_teacher(f) for f in folders] or [build_teacher("efficientnet_lite0", data.classes, "rgb", 160, "offline")]
+    teachers = ([load_teacher(f) for f in folders]
+                or [build_teacher("efficientnet_lite0", data.classes, "rgb", 160, "offline")])
     print(f"{len(teachers)} teacher(s): {[t.model_name for t in teachers]}, batch {args.batch_size}, "
           f"{torch.get_num_threads()} threads")
     bs = args.batch_size
@@ -81,12 +82,14 @@ def main():
     # --- student: pipeline (cached views, cached frozen-stage features, stored targets) ---
     k = recipe.views
     params = sample_view_params(len(data), k, recipe.max_shift, 0)
-    targets = torch.softmax(torch.randn(len(data), k, len(data.classes)), -1).half()  # stands in for the stored ensemble probs
+    # stands in for the stored ensemble probs
+    targets = torch.softmax(torch.randn(len(data), k, len(data.classes)), -1).half()
     split = TrunkSplit(copy.deepcopy(student), frozen) if frozen else None
     pool = torch.randint(0, len(data), (4 * bs,))  # features of a few batches stand in for the on-disk cache
     with torch.no_grad():
-        cached = (split.trunk(StudentInput(split.backbone).prepare(apply_views(data.grey[pool], params[pool, 0].long())))
-                  .half() if split else None)
+        cached = (split.trunk(StudentInput(split.backbone).prepare(
+                      apply_views(data.grey[pool], params[pool, 0].long()))).half()
+                  if split else None)
     if split:
         split.takes_features = True
     s_opt = torch.optim.AdamW([p for p in (split or student).parameters() if p.requires_grad], 1e-3)
@@ -98,8 +101,11 @@ def main():
             logits = split.train()(cached[j].float())
         else:
             logits = student(apply_views(data.grey[idx], params[idx, v].long()).float() / 255)
-        loss = kd_loss(logits, targets[idx, v].float(), data.labels[idx], T=recipe.temperature, alpha=recipe.alpha)["loss"]
-        s_opt.zero_grad(); loss.backward(); s_opt.step()
+        loss = kd_loss(logits, targets[idx, v].float(), data.labels[idx],
+                       T=recipe.temperature, alpha=recipe.alpha)["loss"]
+        s_opt.zero_grad()
+        loss.backward()
+        s_opt.step()
 
     # --- student: naive (PIL DataLoader + online ensemble) ------------------------------
     loader = torch.utils.data.DataLoader(NaiveDataset(data.folder, data.names, data.labels),
@@ -111,7 +117,9 @@ def main():
         with torch.no_grad():
             probs = torch.stack([t(rgb).softmax(-1) for t in teachers]).mean(0)
         loss = kd_loss(student(grey), probs, y, T=recipe.temperature, alpha=recipe.alpha)["loss"]
-        opt.zero_grad(); loss.backward(); opt.step()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
 
     fast = timed(args.steps * 4, pipeline_student_step, bs)
     slow = timed(args.steps, naive_student_step, bs)
@@ -127,7 +135,9 @@ def main():
 
     def pipeline_teacher_step():
         loss = F.cross_entropy(split.train()(feats.float()), data.labels[:bs])
-        t_opt.zero_grad(); loss.backward(); t_opt.step()
+        t_opt.zero_grad()
+        loss.backward()
+        t_opt.step()
 
     full = build_teacher("efficientnet_lite0", data.classes, "rgb", 160, "offline").train()
     f_opt = torch.optim.AdamW(full.parameters(), 1e-3)
@@ -136,7 +146,9 @@ def main():
     def naive_teacher_step():
         _, rgb, y = next(batches)
         loss = F.cross_entropy(full(rgb), y)
-        f_opt.zero_grad(); loss.backward(); f_opt.step()
+        f_opt.zero_grad()
+        loss.backward()
+        f_opt.step()
 
     fast = timed(args.steps * 2, pipeline_teacher_step, bs)
     slow = timed(max(2, args.steps // 2), naive_teacher_step, bs)

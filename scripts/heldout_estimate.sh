@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Honest held-out estimate of a recipe (issues 4/6/12): fold VAL of a 5-fold split is never
-# seen by any teacher nor by the student. Each recipe's teachers i != VAL hold out fold i and
-# VAL, and label fold i (out-of-fold targets); the student trains on the other 4 folds, and so
-# does the hard-label control (distill.py --scratch, same student recipe).
+# Honest held-out estimate of a recipe: fold VAL of a 5-fold split is never seen by any teacher
+# nor by the student. Each recipe's teachers i != VAL hold out fold i and VAL, and label fold i
+# (out-of-fold targets); the student trains on the other 4 folds, and so does the hard-label
+# control (distill.py --scratch, same student recipe). Re-running the same command resumes.
 # Usage: scripts/heldout_estimate.sh [DATA] [VAL_FOLD] [SEED] [OUT] [pipeline.py flags...]
-#   e.g. ... ../shared/data/training_data 0 0 runs/estimate_v0_s0 --teacher-recipes efficientnet_lite2@224
+#   RECIPE=my.yaml scripts/heldout_estimate.sh ...   (default recipes/heldout.yaml: the default recipe, 5 folds)
 set -euo pipefail
 DATA=${1:-../shared/data/training_data}; VAL=${2:-0}; SEED=${3:-0}; OUT=${4:-runs/estimate_v${VAL}_s${SEED}}
 shift $(( $# < 4 ? $# : 4 ))
-${PYTHON:-python} pipeline.py --data "$DATA" --heldout-fold "$VAL" --seed "$SEED" --teachers-root "$OUT/teachers" \
-    --out "$OUT/distilled/model.pth" --work-dir "$OUT" --no-report --scratch-control --folds 5 "$@"
+${PYTHON:-python} pipeline.py --data "$DATA" --recipe "${RECIPE:-recipes/heldout.yaml}" --heldout-fold "$VAL" \
+    --seed "$SEED" --teachers-root "$OUT/teachers" --out "$OUT/distilled/model.pth" --work-dir "$OUT" --no-report \
+    --scratch-control "$@"

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 import distill
@@ -112,9 +112,14 @@ def t_argv(c, *extra, data=None):
             "--frozen-stages", 0, "--no-trunk-cache", "--checkpoint-every", 0, "--device", "cpu", *extra]
 
 
-def p_argv(c, *extra):
+TINY_RECIPE = {"teachers": [f"{TINY_TEACHER}@{TINY_SIZE}"], "teacher": {"pretrained": "none"}}
+
+
+def p_argv(c, *extra, recipe=None):
+    path = c.tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe or TINY_RECIPE))
     return ["--data", c.data, "--teachers-root", c.troot, "--out", c.out, "--work-dir", c.work,
-            "--report-dir", c.tmp / "report", "--pretrained", "none", "--teacher-recipes", f"{TINY_TEACHER}@{TINY_SIZE}", *extra]
+            "--report-dir", c.tmp / "report", "--recipe", path, *extra]
 
 
 def write(c, name, text):
@@ -154,7 +159,8 @@ def test_distill_bad_flag(capsys, case, flags, culprit):
 
 
 TEACHER_FLAGS = [
-    (["--epochs", "0"], "--epochs"), (["--input-mode", "gray"], "'rgb', 'grey'"), (["--pretrained", "hubb"], "--pretrained"),
+    (["--epochs", "0"], "--epochs"), (["--input-mode", "gray"], "'rgb', 'grey'"),
+    (["--pretrained", "hubb"], "--pretrained"),
     (["--fold", "3"], "--fold"), (["--exclude-folds", "1", "2"], "--exclude-folds"),
     (["--exclude-folds", "7"], "--exclude-folds"), (["--input-size", "0"], "--input-size"),
     (["--frozen-stages", "-1"], "--frozen-stages"), (["--cutmix", "-1"], "--cutmix"),
@@ -168,19 +174,29 @@ def test_train_teacher_bad_flag(capsys, case, flags, culprit):
     assert_refused(capsys, case, "train_teacher.py", t_argv(case, *flags), 2, culprit)
 
 
+# a recipe file with one bad entry (on top of the tiny recipe): refused before any work, naming file and key
 PIPELINE_FLAGS = [
-    (["--teacher-epochs", "0"], "--teacher-epochs"), (["--folds", "1"], "--folds"), (["--views", "0"], "--views"),
-    (["--pretrained", "x"], "--pretrained"), (["--teacher-recipes", "nope@160"], "--teacher-recipes"),
-    (["--teacher-recipes", "efficientnet_lite0@abc"], "--teacher-recipes"),
-    (["--teacher-recipes", "efficientnet_lite0@160:epochs=0"], "--teacher-recipes"),
-    (["--teacher-recipes", "efficientnet_lite0@160:input_mode=gray"], "--teacher-recipes"),
-    (["--student-epochs", "-1"], "--student-epochs"),
+    ({"teacher": {"pretrained": "none", "epochs": 0}}, "recipe.yaml: epochs: must be >= 1"),
+    ({"folds": 1}, "recipe.yaml: folds: must be >= 2"), ({"views": 0}, "recipe.yaml: views: must be >= 1"),
+    ({"teacher": {"pretrained": "x"}}, "recipe.yaml: pretrained: invalid choice 'x'"),
+    ({"teachers": ["nope@160"]}, "unknown timm model 'nope'"),
+    ({"teachers": ["efficientnet_lite0@abc"]}, "recipe.yaml: teachers: 'efficientnet_lite0@abc': expected MODEL@SIZE"),
+    ({"teachers": ["efficientnet_lite0@160:epochs=0"]}, "recipe.yaml: epochs: must be >= 1"),
+    ({"teachers": ["efficientnet_lite0@160:input_mode=gray"]}, "invalid choice 'gray'"),
+    ({"teachers": ["efficientnet_lite0@160:epochz=3"]}, "teachers: lite0_160px: epochz: TeacherConfig has no field"),
+    ({"student": {"epochs": -1}}, "recipe.yaml: epochs: must be >= 1"),
+    ({"student": {"epoch": 3}}, "recipe.yaml: student.epoch: DistillConfig has no field 'epoch'"),
+    ({"student": {"epochs": 2.5}}, "recipe.yaml: student.epochs: expected an integer, got a float 2.5"),
+    ({"teachres": ["x@1"]}, "recipe.yaml: unknown keys ['teachres']"),
+    ({"teachers": []}, "recipe.yaml: teachers: expected a non-empty list"),
 ]
 
 
-@pytest.mark.parametrize("flags,culprit", PIPELINE_FLAGS, ids=[" ".join(f) for f, _ in PIPELINE_FLAGS])
-def test_pipeline_bad_flag(capsys, case, flags, culprit):
-    assert_refused(capsys, case, "pipeline.py", p_argv(case, *flags), 2, culprit)
+@pytest.mark.parametrize("recipe,culprit", PIPELINE_FLAGS, ids=[str(r) for r, _ in PIPELINE_FLAGS])
+def test_pipeline_bad_recipe(capsys, case, recipe, culprit):
+    teacher = {**TINY_RECIPE["teacher"], **recipe.get("teacher", {})}
+    assert_refused(capsys, case, "pipeline.py", p_argv(case, recipe={**TINY_RECIPE, **recipe, "teacher": teacher}),
+                   2, culprit)
 
 
 # ---- output paths ------------------------------------------------------------------------
@@ -330,7 +346,8 @@ def finished(world, tmp_path_factory):
     root = tmp_path_factory.mktemp("finished")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TOOLKIT_CACHE", str(world.cache))
-        distill.main(distill_argv(world.data, world.arch, root / "model.pth", root / "work", scratch=True, epochs=1))
+        distill.main(distill_argv(world.data, world.arch, root / "model.pth", root / "work", scratch=True, epochs=1,
+                                  keep_checkpoint=True))
     assert (root / "work" / CHECKPOINT).is_file()
     return root / "work"
 
@@ -387,7 +404,7 @@ def finished_teacher(world, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TOOLKIT_CACHE", str(world.cache))
         c = SimpleNamespace(data=world.data, teacher=out)
-        train_teacher.main([str(a) for a in t_argv(c)])
+        train_teacher.main([str(a) for a in t_argv(c, "--keep-checkpoint")])
     assert (out / CHECKPOINT).is_file() and (out / "teacher.pth").is_file()
     return out
 
@@ -434,11 +451,11 @@ def test_zero_training_steps_save_nothing(tmp_path):
 @pytest.mark.parametrize("script,argv,code,culprit", [
     ("distill.py", ["--mode", "cahced"], 2, "--mode"),
     ("train_teacher.py", ["--epochs", "0"], 2, "--epochs"),
-    ("pipeline.py", ["--folds", "1"], 2, "--folds"),
+    ("pipeline.py", ["--heldout-fold", "5"], 2, "--heldout-fold"),
 ])
 def test_command_line_exit_code_and_one_line(case, script, argv, code, culprit):
-    before = snapshot(case.tmp)
     base = {"distill.py": d_argv(case), "train_teacher.py": t_argv(case), "pipeline.py": p_argv(case)}[script]
+    before = snapshot(case.tmp)
     proc = subprocess.run([sys.executable, script, *map(str, base), *argv], cwd=ROOT, capture_output=True, text=True,
                           env=subprocess_env(case.cache), timeout=120)
     assert proc.returncode == code, proc.stderr

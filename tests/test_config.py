@@ -108,8 +108,8 @@ def test_flags_override_the_config_file(tmp_path):
 
 
 def test_cross_field_check_names_the_flag_or_the_file(tmp_path):
-    with pytest.raises(ConfigError, match=r"^--val-fold: fold 5 does not exist in a 5-fold split"):
-        parse_config(distill.DistillConfig, ["--val-fold", "5"])
+    with pytest.raises(ConfigError, match=r"^--val-fold: fold 3 does not exist in a 3-fold split"):
+        parse_config(distill.DistillConfig, ["--val-fold", "3"])  # the recipe's 3 folds
     path = tmp_path / "c.yaml"
     path.write_text("val_fold: 3\nfolds: 3\n")
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: val_fold: fold 3 does not exist"):
@@ -139,10 +139,9 @@ def test_saved_teacher_and_student_configs_replay(tmp_path, monkeypatch):
 def test_pipeline_config_replays(tmp_path):
     """pipeline.py writes work_dir/config.yaml the same way (yaml.safe_dump of the dataclass)."""
     path = tmp_path / "p.yaml"
-    cfg = parse_config(pipeline.PipelineConfig, ["--folds", "3", "--no-report", "--work-dir", str(tmp_path)])
+    cfg = parse_config(pipeline.PipelineConfig, ["--seed", "3", "--no-report", "--work-dir", str(tmp_path)])
     path.write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
     assert parse_config(pipeline.PipelineConfig, ["--config", str(path)]) == cfg
-
 
 
 @pytest.mark.parametrize("command", ["report", "grader", "predict", "export", "compare"])

@@ -23,8 +23,8 @@ import torch
 
 import distill
 import toolkit.ensemble
-from helpers_distill import (CLASSES, ROOT, build_tiny_teacher, distill_argv, file_bytes, read_state, student_state, subprocess_env, tiny_world, tmp_files, train_tiny_teacher,
-                             write_arch)
+from helpers_distill import (CLASSES, ROOT, build_tiny_teacher, distill_argv, file_bytes, read_state, student_state,
+                             subprocess_env, tiny_world, tmp_files, train_tiny_teacher, write_arch)
 from toolkit.augment import apply_views, sample_view_params
 from toolkit.data import DataError, load_course_folder
 from toolkit.splits import stratified_folds, val_seen_by_teachers

@@ -15,6 +15,7 @@ def _members(n=400, c=5, seed=0):
     """Three members on n images: 'good' (right 90 %), 'weak' (right 50 %), 'noise' (random)."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, c, (n,), generator=g)
+
     def member(p_right, scale):
         right = torch.rand(n, generator=g) < p_right
         pred = torch.where(right, labels, torch.randint(0, c, (n,), generator=g))

@@ -371,7 +371,8 @@ def test_architecture_importing_numpy(folder, weights, tmp_path):
 
 def test_other_bad_inputs(folder, weights, teacher_dir, tmp_path):
     broken = tmp_path / "broken.py"
-    text, n = re.subn(r"^model = MyCNN\((.*)\)$", r"model = MyCNN(\1, stages=undefined_name)", ARCH.read_text(), flags=re.M)
+    text, n = re.subn(r"^model = MyCNN\((.*)\)$", r"model = MyCNN(\1, stages=undefined_name)", ARCH.read_text(),
+                      flags=re.M)
     assert n == 1
     broken.write_text(text)
     with pytest.raises(SystemExit) as e:
@@ -432,7 +433,8 @@ def test_report_leads_with_out_of_fold_and_held_out_figures(folder, weights, tmp
     rows = {r["predictor"]: r for r in m["honest"]}
     for f in (0, 1):
         r = rows[f"teacher:t{f}"]
-        assert r["images"] == int((folds == f).sum()) and r["accuracy"] == pytest.approx(correct[f].float().mean().item())
+        assert (r["images"] == int((folds == f).sum())
+                and r["accuracy"] == pytest.approx(correct[f].float().mean().item()))
     ens = rows["ensemble"]
     assert ens["images"] == 16
     assert ens["accuracy"] * 16 == pytest.approx(sum(int(c.sum()) for c in correct.values()))
@@ -440,7 +442,8 @@ def test_report_leads_with_out_of_fold_and_held_out_figures(folder, weights, tmp
         assert next(csv.reader(f))[:2] == ["class", "n"]
     student_rows = [r for r in m["honest"] if r["predictor"] == "student"]
     assert len(student_rows) == 1 and student_rows[0]["images"] == int((folds == 1).sum())
-    assert rows["student (nested held-out)"]["accuracy"] == 0.8655 and "fold 0, seed 2" in rows["student (nested held-out)"]["what"]
+    assert (rows["student (nested held-out)"]["accuracy"] == 0.8655
+            and "fold 0, seed 2" in rows["student (nested held-out)"]["what"])
     assert m["seen_fraction"]["student"] == pytest.approx(float((folds != 1).float().mean()))
     assert m["seen_fraction"]["ensemble"] == 1.0
     text = (out / "report.md").read_text()

@@ -1,99 +1,183 @@
-"""The pipeline's orchestration: recipes -> fold teachers -> distillation (stages stubbed)."""
+"""One recipe, one source: train_teacher.py, distill.py and pipeline.py read the same recipe
+object (toolkit/recipe.py); the pipeline passes paths, the fold, the member and the seed, no
+hyper-parameters. Orchestration tests stub the two training scripts."""
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
+from pathlib import Path
+
 import pytest
+import yaml
 
+import distill
 import pipeline
+import train_teacher
+from toolkit.config import ConfigError, parse_config
 from toolkit.data import DataError
+from toolkit.engine import RESUME_IRRELEVANT
+from toolkit.recipe import DEFAULT_RECIPE, RecipeError, load_recipe, parse_member
+
+ROOT = Path(__file__).resolve().parents[1]
+# what the pipeline may tell the scripts: where things are, which fold and member, which seed
+PATH_AND_FOLD_FLAGS = {"--data", "--recipe", "--member", "--fold", "--exclude-folds", "--seed", "--out", "--resume",
+                       "--teachers-root", "--val-fold", "--view-seed", "--work-dir", "--scratch"}
 
 
-def test_parse_recipe_gives_folder_name_and_teacher_flags():
-    name, flags = pipeline.parse_recipe("efficientnet_lite2@260:epochs=8,frozen_stages=4")
+def flags_of(argv: list[str]) -> set[str]:
+    return {a for a in argv if a.startswith("--")}
+
+
+def stub_scripts(monkeypatch) -> list:
+    calls = []
+    monkeypatch.setattr(pipeline.train_teacher, "main", lambda argv: calls.append(("teacher", argv)) or {})
+    monkeypatch.setattr(pipeline.distill, "main", lambda argv: calls.append(("distill", argv)) or {})
+    return calls
+
+
+def test_parse_member_gives_folder_name_and_fields():
+    name, flags = parse_member("efficientnet_lite2@260:epochs=8,frozen_stages=4")
     assert name == "lite2_260px"
-    assert flags == ["--model", "efficientnet_lite2", "--input-size", "260", "--epochs", "8",
-                     "--frozen-stages", "4"]
-    assert pipeline.parse_recipe("resnet50@224") == ("resnet50_224px", ["--model", "resnet50", "--input-size", "224"])
+    assert flags == {"model": "efficientnet_lite2", "input_size": "260", "epochs": "8", "frozen_stages": "4"}
+    assert parse_member("resnet50@224") == ("resnet50_224px", {"model": "resnet50", "input_size": "224"})
 
 
 @pytest.mark.parametrize("bad", ["efficientnet_lite0", "efficientnet_lite0@", "@224", "lite0@big",
                                  "efficientnet_lite0@224:epochs", "efficientnet_lite0@224:=3"])
-def test_parse_recipe_refuses_malformed(bad):
-    with pytest.raises(DataError, match="--teacher-recipes"):
-        pipeline.parse_recipe(bad)
+def test_parse_member_refuses_malformed(bad):
+    with pytest.raises(RecipeError, match="teachers: "):
+        parse_member(bad)
 
 
-def test_pipeline_trains_every_fold_of_every_recipe_then_distils(tmp_path, monkeypatch, make_course):
-    calls = []
-    monkeypatch.setattr(pipeline.train_teacher, "main", lambda argv: calls.append(("teacher", argv)) or {})
-    monkeypatch.setattr(pipeline.distill, "main", lambda argv: calls.append(("distill", argv)) or {})
+def test_script_defaults_are_the_default_recipe():
+    """The command line's defaults (and the dataclasses') are the recipe's values."""
+    teacher = parse_config(train_teacher.TeacherConfig, [])
+    student = parse_config(distill.DistillConfig, [])
+    for key in ("folds", "views"):
+        assert getattr(teacher, key) == getattr(student, key) == DEFAULT_RECIPE[key]
+    for key, value in DEFAULT_RECIPE["teacher"].items():
+        assert getattr(teacher, key) == value, key
+    for key, value in DEFAULT_RECIPE["student"].items():
+        assert getattr(student, key) == value, key
+    first = parse_member(DEFAULT_RECIPE["teachers"][0])[1]
+    assert (teacher.model, str(teacher.input_size)) == (first["model"], first["input_size"])
+    assert asdict(train_teacher.TeacherConfig()) == asdict(teacher)
+    assert asdict(distill.DistillConfig()) == asdict(student)
+
+
+def test_train_teacher_fold_0_is_the_recipes_first_teacher_as_committed():
+    """`python train_teacher.py --fold 0` trains exactly the committed teachers/lite0_224px_f0, and
+    `--member` names the others (same config, except the fields that never change the result)."""
+    for folder in sorted((ROOT / "teachers").iterdir()):
+        name, fold = folder.name.rsplit("_f", 1)
+        argv = ["--fold", fold] + (["--member", name] if name != parse_member(DEFAULT_RECIPE["teachers"][0])[0] else [])
+        cfg = asdict(parse_config(train_teacher.TeacherConfig, argv))
+        assert cfg["out"] == f"teachers/{folder.name}"
+        saved = yaml.safe_load((folder / "config.yaml").read_text())
+        differ = {k for k in cfg if k not in RESUME_IRRELEVANT and k in saved and saved[k] != cfg[k]}
+        assert differ == set(), (folder.name, differ)
+
+
+def test_distill_defaults_are_the_shipped_students_config():
+    """`python distill.py` with no flags is the run that made the shipped model.pth."""
+    shipped = json.loads((ROOT / "model.provenance.json").read_text())["config"]
+    now = asdict(parse_config(distill.DistillConfig, []))
+    differ = {k for k in shipped if k not in RESUME_IRRELEVANT and shipped[k] != now.get(k)}
+    assert differ == set(), {k: (shipped[k], now.get(k)) for k in differ}
+
+
+def test_a_recipe_file_changes_all_three_scripts_alike(tmp_path, monkeypatch, make_course):
+    recipe = tmp_path / "alt.yaml"
+    recipe.write_text(yaml.safe_dump({"folds": 4, "views": 3, "teachers": ["efficientnet_lite1@240:epochs=9",
+                                                                           "resnet18@160"],
+                                      "teacher": {"epochs": 2, "pretrained": "none"}, "student": {"epochs": 7}}))
+    teacher = parse_config(train_teacher.TeacherConfig, ["--recipe", str(recipe)])
+    assert (teacher.folds, teacher.views, teacher.model, teacher.input_size, teacher.epochs) == \
+        (4, 3, "efficientnet_lite1", 240, 9)  # the member's own flag wins over the teacher section
+    other = parse_config(train_teacher.TeacherConfig, ["--recipe", str(recipe), "--member", "resnet18_160px"])
+    assert (other.model, other.input_size, other.epochs, other.pretrained) == ("resnet18", 160, 2, "none")
+    student = parse_config(distill.DistillConfig, ["--recipe", str(recipe)])
+    assert (student.folds, student.views, student.epochs) == (4, 3, 7)
+    assert parse_config(distill.DistillConfig, ["--recipe", str(recipe), "--epochs", "5"]).epochs == 5  # flags win
+
+    calls = stub_scripts(monkeypatch)
     root = tmp_path / "teachers"
-    (root / "lite0_160px_f1").mkdir(parents=True)
-    (root / "lite0_160px_f1" / "teacher.pth").write_bytes(b"x")  # reused, not retrained
-    pipeline.main(["--data", str(make_course()), "--teachers-root", str(root), "--folds", "2", "--no-report",
-                   "--teacher-recipes", "efficientnet_lite0@160", "efficientnet_lite2@260:epochs=9",
+    pipeline.main(["--data", str(make_course()), "--recipe", str(recipe), "--teachers-root", str(root), "--no-report",
                    "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "model.pth")])
     teachers = [argv for kind, argv in calls if kind == "teacher"]
-    outs = [argv[argv.index("--out") + 1] for argv in teachers]
-    assert outs == [str(root / "lite0_160px_f0"), str(root / "lite2_260px_f0"), str(root / "lite2_260px_f1")]
-    lite2 = teachers[1]
-    # the recipe's own flags come last, so they win over the pipeline's --epochs
-    assert lite2[lite2.index("--model") + 1] == "efficientnet_lite2"
-    assert lite2[len(lite2) - 1 - lite2[::-1].index("--epochs") + 1] == "9"
+    assert [argv[argv.index("--out") + 1] for argv in teachers] == \
+        [str(root / f"{m}_f{f}") for m in ("lite1_240px", "resnet18_160px") for f in range(4)]
+    for kind, argv in calls:
+        assert flags_of(argv) <= PATH_AND_FOLD_FLAGS, (kind, flags_of(argv) - PATH_AND_FOLD_FLAGS)
+        assert argv[argv.index("--recipe") + 1] == str(recipe)  # each script reads the recipe itself
     assert calls[-1][0] == "distill"
+    written = yaml.safe_load((tmp_path / "work" / "recipe.yaml").read_text())  # replays with --recipe
+    assert load_recipe(tmp_path / "work" / "recipe.yaml").as_yaml_dict() == load_recipe(recipe).as_yaml_dict()
+    assert written["teachers"][1] == "resnet18@160"
 
 
-def test_pipeline_refuses_a_bad_recipe_before_any_work(tmp_path, monkeypatch, make_course):
-    calls = []
-    monkeypatch.setattr(pipeline.train_teacher, "main", lambda argv: calls.append(argv))
-    monkeypatch.setattr(pipeline, "load_course_folder", lambda *a, **k: calls.append("decode"))
-    with pytest.raises(DataError, match="lite2@x"):
-        pipeline.main(["--data", str(make_course()), "--teachers-root", str(tmp_path),
-                       "--teacher-recipes", "efficientnet_lite0@160", "efficientnet_lite2@x"])
-    assert calls == []
+def test_pipeline_reuses_finished_teachers_of_its_recipe_and_refuses_others(tmp_path, monkeypatch, make_course):
+    calls = stub_scripts(monkeypatch)
+    course, root = str(make_course()), tmp_path / "teachers"
+    base = ["--data", course, "--teachers-root", str(root), "--no-report", "--work-dir", str(tmp_path / "work"),
+            "--out", str(tmp_path / "model.pth")]
+    finished = root / "lite2_224px_f1"
+    finished.mkdir(parents=True)
+    cfg = asdict(parse_config(train_teacher.TeacherConfig, pipeline.teacher_argv(
+        parse_config(pipeline.PipelineConfig, base), "lite2_224px", 1)))
+    (finished / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (finished / "teacher.pth").write_bytes(b"x")
+    (finished / "checkpoint.pth").write_bytes(b"left by a kill after teacher.pth was written")
+    pipeline.main(base)
+    outs = [argv[argv.index("--out") + 1] for kind, argv in calls if kind == "teacher"]
+    assert str(finished) not in outs and len(outs) == 5
+    assert not (finished / "checkpoint.pth").exists()
+
+    (finished / "config.yaml").write_text(yaml.safe_dump({**cfg, "epochs": 8}))
+    with pytest.raises(DataError, match="lite2_224px_f1: a finished teacher of another run.*epochs was 8"):
+        pipeline.main(base)
 
 
 def test_heldout_fold_is_never_trained_on_by_teachers_or_student(tmp_path, monkeypatch, make_course):
     """--heldout-fold 1 (a nested estimate): no fold-1 teacher, every teacher excludes fold 1, the
     student and its hard-label control both validate on it, with the same student flags."""
-    calls, course = [], str(make_course())
-    monkeypatch.setattr(pipeline.train_teacher, "main", lambda argv: calls.append(("teacher", argv)) or {})
-    monkeypatch.setattr(pipeline.distill, "main", lambda argv: calls.append(("distill", argv)) or {})
+    calls, course = stub_scripts(monkeypatch), str(make_course())
     root = tmp_path / "teachers"
-    pipeline.main(["--data", course, "--teachers-root", str(root), "--folds", "3", "--no-report",
-                   "--heldout-fold", "1", "--scratch-control", "--views", "2",
-                   "--teacher-recipes", "efficientnet_lite0@224", "efficientnet_lite2@224",
-                   "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "model.pth")])
+    pipeline.main(["--data", course, "--teachers-root", str(root), "--no-report", "--heldout-fold", "1",
+                   "--scratch-control", "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "model.pth")])
     teachers = [argv for kind, argv in calls if kind == "teacher"]
     assert [argv[argv.index("--fold") + 1] for argv in teachers] == ["0", "2", "0", "2"]  # each recipe
     assert all(argv[argv.index("--exclude-folds") + 1] == "1" for argv in teachers)
     student, control = [argv for kind, argv in calls if kind == "distill"]
     for argv in (student, control):
-        assert argv[argv.index("--val-fold") + 1] == "1" and argv[argv.index("--views") + 1] == "2"
+        assert argv[argv.index("--val-fold") + 1] == "1"
     assert "--scratch" in control and "--scratch" not in student
-    assert control[:control.index("--scratch")] == student[:control.index("--scratch")]
-    with pytest.raises(DataError, match="--heldout-fold: fold 3 does not exist"):
-        pipeline.main(["--data", course, "--folds", "3", "--heldout-fold", "3"])
+    strip = {"--out", "--work-dir"}
+    keep = [a for i, a in enumerate(student) if a not in strip and (i == 0 or student[i - 1] not in strip)]
+    assert keep == [a for i, a in enumerate(control[:-1]) if a not in strip and (i == 0 or control[i - 1] not in strip)]
+    with pytest.raises(ConfigError, match="--heldout-fold: fold 3 does not exist"):
+        pipeline.main(["--data", course, "--heldout-fold", "3"])
+
+
+def test_heldout_recipe_is_the_default_with_five_folds():
+    nested = load_recipe(ROOT / "recipes" / "heldout.yaml")
+    assert nested.folds == 5 and nested.as_yaml_dict() == {**load_recipe().as_yaml_dict(), "folds": 5}
 
 
 def test_default_teachers_are_larger_than_the_student():
     """The design asks for teachers larger than the student: each default recipe's teacher costs
     more than the shipped MyCNN per image (MACs at their own input sizes: lite0@224 384 M, lite2@224
     575 M, the student at 144 px 168 M), and the ensemble holds a backbone with more parameters."""
-    from pathlib import Path
-
     import torch
 
     from toolkit.metrics import count_macs, parameter_count
     from toolkit.student import exec_architecture
     from toolkit.teachers import build_teacher
-    student = exec_architecture(Path(pipeline.__file__).parent / "architecture.py")["model"]
+    student = exec_architecture(ROOT / "architecture.py")["model"]
     student_macs = count_macs(student, torch.zeros(1, 1, 100, 100))
     classes = [f"c{i}" for i in range(20)]
-    teachers = []
-    for recipe in pipeline.PipelineConfig().teacher_recipes:
-        _, flags = pipeline.parse_recipe(recipe)
-        model, size = flags[flags.index("--model") + 1], int(flags[flags.index("--input-size") + 1])
-        teachers.append(build_teacher(model, classes, "rgb", size, pretrained="none"))
+    teachers = [build_teacher(flags["model"], classes, "rgb", int(flags["input_size"]), pretrained="none")
+                for _, flags in load_recipe().members()]
     assert len({t.model_name for t in teachers}) >= 2  # a heterogeneous ensemble
     for t in teachers:
         assert count_macs(t, torch.zeros(1, 3, 100, 100, dtype=torch.uint8)) > 1.5 * student_macs, t.model_name

@@ -38,7 +38,7 @@ TINY = "test_efficientnet"  # timm's ~100k-parameter test model: stem + 5 stages
 CLASSES = {"book": (200, 40, 40), "car": (40, 200, 40), "cat": (40, 40, 200)}  # learnable by colour
 # 36 images -> fold 0 of 5 holds 8 val images, 28 train: batches of 8, 8, 8, 4 per epoch
 TINY_ARGS = ["--model", TINY, "--pretrained", "none", "--input-size", "32", "--batch-size", "8",
-             "--lr", "0.1", "--no-amp", "--device", "cpu"]
+             "--lr", "0.1", "--no-amp", "--device", "cpu", "--folds", "5", "--views", "8"]
 STEPS_PER_EPOCH = 4
 ONLINE = ["--frozen-stages", "0", "--trivial-augment", "--mixup", "0.2"]  # no cache, most randomness
 
@@ -272,7 +272,7 @@ def trained(request, tiny_folder, cache_dir, tmp_path_factory):
         torch.set_num_threads(1)
         try:
             metrics = train_teacher.main(["--data", str(tiny_folder), "--out", str(out), "--epochs", "3",
-                                          *TINY_ARGS, *extra])
+                                          "--keep-checkpoint", *TINY_ARGS, *extra])
         finally:
             torch.set_num_threads(threads)
     return request.param, out, metrics
@@ -434,10 +434,9 @@ def test_ddp_two_processes_on_cpu(tiny_folder, cache_dir, tmp_path):
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:]
 
-    # rank 0 alone wrote the out folder: exactly these files, no temp files
+    # rank 0 alone wrote the out folder: exactly these files, no temp files, no training checkpoint
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["checkpoint.pth", "config.yaml", "learning_curve.png", "log.json", "run_info.json", "summary.csv",
-         "teacher.pth"])
+        ["config.yaml", "learning_curve.png", "log.json", "run_info.json", "summary.csv", "teacher.pth"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["batches.rank0.json", "batches.rank1.json", "ddp",
                                                           "record_batches.py"]
     assert proc.stdout.count("teacher saved to") == 1

@@ -73,15 +73,17 @@ def parse_config(cls, argv: list[str] | None = None, description: str | None = N
                      help="a YAML file of field: value defaults (e.g. a run's saved config.yaml); flags override it")
     known, _ = pre.parse_known_args(argv)
     hints = typing.get_type_hints(cls)
-    own = cls.__dict__.get("__annotations__", {})
+    # the script's own fields first in --help: those of the first class that is not only new defaults
+    own = next(c for c in cls.__mro__ if not c.__dict__.get("_only_defaults")).__dict__.get("__annotations__", {})
     fields = {f.name: f for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own)}
+    recipe_source, recipe_values = recipe_defaults(cls, argv)
     file_values = read_config_file(known.config, fields, hints) if known.config is not None else {}
 
     parser = ConfigParser(description=description or cls.__doc__, parents=[pre], allow_abbrev=False,
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for field in fields.values():
-        default = file_values.get(field.name, field.default if field.default is not dataclasses.MISSING
-                                  else field.default_factory())
+        default = file_values.get(field.name, recipe_values.get(
+            field.name, field.default if field.default is not dataclasses.MISSING else field.default_factory()))
         flag = "--" + field.name.replace("_", "-")
         kind, meta = hints[field.name], field.metadata
         help_text = (meta.get("help") or " ") + _range_text(meta)
@@ -106,7 +108,9 @@ def parse_config(cls, argv: list[str] | None = None, description: str | None = N
     def culprit(name: str) -> str:
         flag = "--" + name.replace("_", "-")
         given = any(a == flag or a.startswith(flag + "=") or a == "--no-" + flag[2:] for a in argv)
-        return flag if given or name not in file_values else f"{known.config}: {name}"
+        if given or (name not in file_values and name not in recipe_values):
+            return flag
+        return f"{known.config}: {name}" if name in file_values else f"{recipe_source}: {name}"
 
     for name, field in fields.items():
         problem = check_value(getattr(cfg, name), field.metadata)
@@ -119,6 +123,22 @@ def parse_config(cls, argv: list[str] | None = None, description: str | None = N
             name, problem = found
             raise ConfigError(f"{culprit(name)}: {problem}")
     return cfg
+
+
+def recipe_defaults(cls, argv: list[str]) -> tuple[str, dict]:
+    """(source, {field: value}): the defaults a script's config takes from the recipe
+    (``toolkit.recipe``), for a config that names its section (``RECIPE_SECTION``): the default
+    recipe, or the one ``--recipe FILE`` names; for the teacher, the teacher ``--member NAME``."""
+    section = getattr(cls, "RECIPE_SECTION", None)
+    if section is None:
+        return "", {}
+    from .recipe import load_recipe, recipe_field_defaults
+    pre = ConfigParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--recipe", default="")
+    pre.add_argument("--member", default="")
+    known, _ = pre.parse_known_args(argv)
+    recipe = load_recipe(known.recipe)
+    return recipe.source, recipe_field_defaults(cls, recipe, section, known.member)
 
 
 def _range_text(meta) -> str:
@@ -296,6 +316,11 @@ def check_cache_dir() -> None:
         raise ConfigError(f"TOOLKIT_CACHE: cache location {problem}")
 
 
+def check_recipe_path(path: str) -> str | None:
+    """'' (the default recipe) or an existing file (its content was read by recipe_defaults)."""
+    return None if not path or Path(path).is_file() else f"{path}: recipe file not found"
+
+
 # ----------------------------------------------------------------------------------------
 # Fields shared by the training scripts
 # ----------------------------------------------------------------------------------------
@@ -319,6 +344,10 @@ class TrainingRun:
     checkpoint_every: int = option(200, "steps between checkpoints (0: only at epoch ends)", min=0)
     resume: bool = option(False, "continue from checkpoint.pth in the run's folder (a teacher's --out, a "
                           "student's --work-dir); it must belong to this run")
+    keep_checkpoint: bool = option(False, "keep the training checkpoint.pth once the result is written "
+                                   "(default: removed, the result and log.json describe the run)")
+    recipe: str = option("", "recipe file (YAML) whose values are this script's defaults; empty: the default "
+                         "recipe (toolkit/recipe.py)", check=check_recipe_path)
 
 
 def with_defaults(base, **defaults):
@@ -330,7 +359,7 @@ def with_defaults(base, **defaults):
         raise TypeError(f"{base.__name__} has no fields {unknown}")
     hints = typing.get_type_hints(base)
     namespace = {"__annotations__": {name: hints[name] for name in defaults}, "__module__": base.__module__,
-                 "__doc__": base.__doc__}
+                 "__doc__": base.__doc__, "__qualname__": base.__qualname__, "_only_defaults": True}
     for name, value in defaults.items():
         meta = dict(fields[name].metadata)
         namespace[name] = option(value, meta.pop("help"), **meta)

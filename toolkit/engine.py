@@ -53,7 +53,8 @@ class TrainingError(RuntimeError):
 # Config keys that do not change what a resumed run computes: where things are written or
 # read from (the data's content is compared by fingerprint), the device, checkpoint cadence.
 RESUME_IRRELEVANT = frozenset({"resume", "checkpoint_every", "device", "amp", "out", "work_dir", "data",
-                               "arch", "teachers", "teachers_root", "report_dir"})
+                               "arch", "teachers", "teachers_root", "report_dir", "keep_checkpoint", "recipe",
+                               "member"})
 
 
 def run_identity(config: dict, fingerprint: str) -> dict:
@@ -126,8 +127,13 @@ def make_trainer(model: nn.Module, cfg, out_dir: str | Path, sampler, env: DistE
     trainer = Trainer(model, optimizer, scheduler, out_dir, cfg.epochs, cfg.seed, env, device, cfg.ema_decay,
                       cfg.checkpoint_every, amp=cfg.amp, desc=desc,
                       identity=None if fingerprint is None else run_identity(dataclasses.asdict(cfg), fingerprint))
-    if cfg.resume and trainer.resume() and env.is_main:
-        log.info(f"resumed {out_dir} at epoch {trainer.epoch + 1}, step {trainer.global_step}")
+    if cfg.resume and env.is_main:
+        if trainer.resume():
+            log.info(f"resumed {out_dir} at epoch {trainer.epoch + 1}, step {trainer.global_step}")
+        else:
+            log.info(f"--resume: no {CHECKPOINT} in {out_dir}; starting from the first step")
+    elif cfg.resume:
+        trainer.resume()
     return trainer
 
 
@@ -193,6 +199,11 @@ class Trainer:
     def save_checkpoint(self) -> None:
         if self.env.is_main:
             atomic_save(self.state_dict(), self.out_dir / CHECKPOINT)
+
+    def remove_checkpoint(self) -> None:
+        """Once the result is written, the training state is no longer needed."""
+        if self.env.is_main:
+            (self.out_dir / CHECKPOINT).unlink(missing_ok=True)
 
     def resume(self) -> bool:
         """Load the checkpoint of ``out_dir`` if there is one (False if none). CheckpointError if
@@ -273,7 +284,8 @@ class Trainer:
         if self.global_step == 0:
             raise TrainingError(f"{self.desc}: no training step was taken ({self.epochs} epoch(s) of 0 batches: "
                                 "the training split is empty or smaller than a batch); nothing was saved")
-        bad = [k for k, v in self.eval_model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        bad = [k for k, v in self.eval_model.state_dict().items()
+               if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
             raise NonFiniteLossError(f"{self.desc}: weights became non-finite ({bad[0]}"
                                      f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); nothing was saved")

@@ -124,7 +124,9 @@ def teacher_view_logits(teacher: Teacher, rgb_u8: torch.Tensor, view_params: tor
         split = TrunkSplit(teacher.backbone, teacher.config["frozen_stages"]).eval()
         flat = features.flatten(0, 1)
         logits = [split.head(flat[i:i + batch_size].float().to(device)).float().cpu()
-                  for i in tqdm(range(0, n * k, batch_size), desc=f"targets {Path(getattr(teacher, 'folder', '')).name} (cached trunk)", leave=False)]
+                  for i in tqdm(range(0, n * k, batch_size),
+                                desc=f"targets {Path(getattr(teacher, 'folder', '')).name} (cached trunk)",
+                                leave=False)]
         out = torch.cat(logits).view(n, k, -1) if logits else out
     else:
         for j in range(k):
@@ -165,7 +167,7 @@ def combine_view_targets(member_logits: torch.Tensor, weights: torch.Tensor,
     m, n = member_logits.shape[:2]
     if mask is None:
         mask = torch.ones(m, n, dtype=torch.bool)
-    w = (weights.float() if weights.dim() == 2 else weights.float().view(-1, 1)) * mask                                        # (M, N)
+    w = (weights.float() if weights.dim() == 2 else weights.float().view(-1, 1)) * mask  # (M, N)
     w = w / w.sum(0, keepdim=True)
     if combine == "mean_logits":
         return (member_logits * w[..., None, None]).sum(0).softmax(-1)
@@ -294,7 +296,8 @@ def view_soft_targets(ensemble: Ensemble, data, view_params: torch.Tensor, folds
     # with out-of-fold fold teachers. Rows it does not label stay 0 and are masked out.
     needed = mask.clone()
     needed[:, val_idx] = True
-    member_logits = members_view_logits(teachers, data.rgb, view_params, data.fingerprint, needed, device)  # (M, N, K, C)
+    member_logits = members_view_logits(teachers, data.rgb, view_params, data.fingerprint,
+                                        needed, device)  # (M, N, K, C)
     # Images some teacher never saw: their identity-view predictions are out-of-fold, the only
     # ones weights and temperature may be fitted on.
     oof_images = ~mask.all(0)                                                            # (N,)

@@ -119,4 +119,3 @@ def greedy_selection(log_probs: torch.Tensor, labels: torch.Tensor, rounds: int 
         if s < best - 1e-12:
             best, best_counts = s, counts.clone()
     return best_counts / best_counts.sum()
-

@@ -249,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "e.g. runs/estimate_v0_s0/distilled/ from scripts/heldout_estimate.sh): reported first")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass [>= 1]")
     p.add_argument("--latency-runs", type=int, default=20,
-                   help="timed batch-1 runs of the student (batch 256: a tenth; teachers: a quarter, batch 1 only); 0 skips latency")
+                   help="timed batch-1 runs of the student (batch 256: a tenth; teachers: a quarter, batch 1 only); "
+                        "0 skips latency")
     p.add_argument("--latency-threads", type=int, default=1,
                    help="torch threads while timing latency (1 = stable numbers on a busy machine)")
     p.add_argument("--max-examples", type=int, default=24, help="images in the student-wrong/ensemble-right grid")

@@ -77,4 +77,3 @@ def export_student(model: torch.nn.Module, parity_inputs: torch.Tensor, out_dir:
     return {"torchscript": {"path": str(ts_path), "max_abs_diff": ts_diff},
             "onnx": {"path": str(onnx_path), "max_abs_diff": onnx_diff, "opset": opset},
             "parity_images": len(parity_inputs), "tolerance": PARITY_TOLERANCE}
-

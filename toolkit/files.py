@@ -28,7 +28,6 @@ def expand_images(items: list[str]) -> list[Path]:
     return paths
 
 
-
 def load_indices(path: str | Path, n: int) -> torch.Tensor:
     """Sample indices (positions in labels.csv order) from .pt / .json: a list, a 1-D tensor,
     a boolean mask of length n, or a dict holding one under 'indices' / 'val_idx' / 'idx'."""
@@ -65,7 +64,6 @@ def load_indices(path: str | Path, n: int) -> torch.Tensor:
     if len(torch.unique(idx)) != len(idx):
         raise DataError(f"{path}: duplicate indices")
     return idx.long()
-
 
 
 def sha256_file(path: Path) -> str:

@@ -18,11 +18,18 @@ os.umask(_UMASK)
 
 
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> Path:
-    """Call ``write(file_object)`` on a temp file beside ``path``, fsync, then rename into place."""
+    """Call ``write(file_object)`` on a temp file beside ``path``, fsync, then rename into place.
+
+    The temp file is ``.<name>.<pid>.<random>.tmp``: a writer killed mid-write (SIGKILL, power
+    loss) leaves one behind, and the next write of the same file removes it once its pid is
+    dead. A failing write (a full disk, a folder turned read-only) removes its temp file,
+    leaves the previous ``path`` untouched and raises an OSError naming ``path``."""
     path = Path(path)
     ensure_writable_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_dead_temp_files(path)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
         if hasattr(os, "fchmod"):  # mkstemp makes 0600; give the usual open() permissions
             os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, mode) as f:
@@ -30,13 +37,44 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+    except BaseException as err:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        if isinstance(err, OSError) and err.errno is not None:
+            # name the file being written, not the temp file (or nothing, as write() errors do)
+            raise type(err)(err.errno, f"{os.strerror(err.errno)} while writing it; the previous file, if any, "
+                            "is unchanged", str(path)) from None
         raise
     return path
+
+
+def remove_dead_temp_files(path: str | Path) -> list[Path]:
+    """Remove the temp files of ``path`` (``.<name>.<pid>.*.tmp``) whose writer is no longer
+    alive: left by a run killed mid-write, they are never complete. Returns what was removed."""
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            try:
+                tmp.unlink()
+                removed.append(tmp)
+            except OSError:
+                pass
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def ensure_writable_dir(folder: str | Path) -> Path:

@@ -82,7 +82,6 @@ def compute_metrics(classes: list[str], labels, student_lp, ensemble_lp,
     }
 
 
-
 def honest_scores(labels, student_lp, teacher_lps: dict, seen: dict, oof_ensemble_lp=None, oof_covered=None,
                   heldout: list[dict] | None = None) -> list[dict]:
     """Scores on images the scored model never trained on, one row each: every teacher on the
@@ -158,7 +157,8 @@ def _markdown(m: dict, meta: dict, efficiency: dict, timings: dict, examples_sho
     L.append(f"# Evaluation report: {meta.get('name', '')}\n")
     L.append(f"- data: `{meta.get('data')}`, {m['n']} images"
              + (f" (subset: `{meta['indices_file']}`)" if meta.get("indices_file") else " (whole folder)"))
-    L.append(f"- student: `{meta.get('arch')}` + `{meta.get('weights')}` (sha256 {meta.get('weights_sha256', '?')[:12]})")
+    L.append(f"- student: `{meta.get('arch')}` + `{meta.get('weights')}` "
+             f"(sha256 {meta.get('weights_sha256', '?')[:12]})")
     L.append(f"- teachers ({len(meta.get('teachers', []))}): "
              + ", ".join(f"`{t}`" for t in meta.get("teachers", [])))
     L.append(f"- ensemble: {meta.get('ensemble_combine', 'mean_probs')} of the teachers' probabilities")
@@ -198,8 +198,10 @@ def _markdown(m: dict, meta: dict, efficiency: dict, timings: dict, examples_sho
     ms = (lambda v, d: f"{v * 1e3:.{d}f} ms")
     cost = pd.DataFrame([{"model": name, "parameters": f"{e['parameters']:,}",
                           "MACs / image": f"{e['macs_per_image'] / 1e6:.1f} M",
-                          "latency batch 1 (median)": ms(e["latency_batch1"]["median_s"], 2) if e.get("latency_batch1") else "-",
-                          "latency batch 256 (median)": ms(e["latency_batch256"]["median_s"], 1) if e.get("latency_batch256") else "-",
+                          "latency batch 1 (median)": (ms(e["latency_batch1"]["median_s"], 2)
+                                                       if e.get("latency_batch1") else "-"),
+                          "latency batch 256 (median)": (ms(e["latency_batch256"]["median_s"], 1)
+                                                         if e.get("latency_batch256") else "-"),
                           "per image at 256": (ms(e["latency_batch256"]["median_s"] / e["latency_batch256"]["batch"], 3)
                                                if e.get("latency_batch256") else "-")}
                          for name, e in efficiency.items()])
@@ -246,7 +248,8 @@ def write_report(out_dir: str | Path, *, classes: list[str], labels, grey, names
     meta, efficiency, timings = dict(meta or {}), dict(efficiency or {}), dict(timings or {})
     m = compute_metrics(classes, labels, student_lp, ensemble_lp, teacher_lps)
     seen = dict(seen or {})
-    m["seen_fraction"] = {k: (None if v is None else float(np.mean(np.asarray(v, dtype=bool)))) for k, v in seen.items()}
+    m["seen_fraction"] = {k: (None if v is None else float(np.mean(np.asarray(v, dtype=bool))))
+                          for k, v in seen.items()}
     m["honest"] = honest_scores(labels, student_lp, teacher_lps or {}, seen, oof_ensemble_lp, oof_covered, heldout)
     timings["metrics"] = time.perf_counter() - t0
 

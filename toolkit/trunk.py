@@ -145,6 +145,7 @@ def cached_trunk_features(path: Path, teacher, split: TrunkSplit, images_u8: tor
         try:
             blob = load_trunk_file(path, path.stat().st_mtime_ns)
             if torch.equal(blob["view_params"], view_params):
+                log.info(f"{desc}: reused {path.name} from the cache")
                 return blob["features"]
         except Exception as err:
             log.warning(f"warning: {path}: corrupt trunk cache ({type(err).__name__}); recomputing")
@@ -152,7 +153,11 @@ def cached_trunk_features(path: Path, teacher, split: TrunkSplit, images_u8: tor
     features = compute_trunk_features(teacher, split, images_u8, view_params, device=device, desc=desc)
     if save:
         log.info(f"{desc} {tuple(features.shape)} in {time.time() - t0:.0f}s")
-        atomic_save({"features": features, "view_params": view_params}, path)
+        try:
+            atomic_save({"features": features, "view_params": view_params}, path)
+        except OSError as err:  # a cache only saves time: a full disk or read-only cache folder is no failure
+            log.warning(f"warning: {path}: trunk cache not written ({err.strerror or err}); "
+                        "the features are used from memory and computed again by the next run")
     return features
 
 
@@ -174,7 +179,8 @@ def own_trunk_blob(teacher, fingerprint: str) -> dict | None:
 def stored_trunk_features(teacher, view_params: torch.Tensor, fingerprint: str) -> torch.Tensor | None:
     """The teacher's own frozen-trunk features for exactly these views, if on disk."""
     blob = own_trunk_blob(teacher, fingerprint)
-    if blob is None or blob["view_params"].shape != view_params.shape or not torch.equal(blob["view_params"], view_params):
+    if blob is None or blob["view_params"].shape != view_params.shape \
+            or not torch.equal(blob["view_params"], view_params):
         return None
     return blob["features"]
 
@@ -205,7 +211,8 @@ def view_trunk_features(identity: "hashlib._Hash", teacher, split: TrunkSplit, i
     for j in range(view_params.shape[1]):
         params = view_params[:, j:j + 1]
         if own is not None and own["view_params"].shape[0] == params.shape[0]:
-            match = [i for i in range(own["view_params"].shape[1]) if torch.equal(own["view_params"][:, i:i + 1], params)]
+            match = [i for i in range(own["view_params"].shape[1])
+                     if torch.equal(own["view_params"][:, i:i + 1], params)]
             if match:
                 columns.append(own["features"][:, match[0]])
                 continue
