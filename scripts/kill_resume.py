@@ -49,10 +49,11 @@ def main() -> None:
         note(f"=== run {attempt + 1}: {' '.join(command)}" + (f" (kill: {kill})" if kill else " (to the end)"))
         t_run = time.time()
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-        reader = threading.Thread(target=pump, args=(proc, note), daemon=True)
+        started = threading.Event()  # set once the pipeline has taken its locks and starts its stages
+        reader = threading.Thread(target=pump, args=(proc, note, started), daemon=True)
         reader.start()
         if attempt == 0 and not args.no_concurrent_check:
-            check_second_copy(command, note)
+            check_second_copy(command, note, started)
         if kill is None:
             rc = proc.wait()
             reader.join()
@@ -85,7 +86,7 @@ def main() -> None:
 PROGRESS = re.compile(r"\d+%\|")  # tqdm bars: not logged, only the lines that say something
 
 
-def pump(proc, note) -> None:
+def pump(proc, note, started) -> None:
     buffer = b""
     for chunk in iter(lambda: proc.stdout.read1(4096), b""):
         buffer += chunk
@@ -94,11 +95,17 @@ def pump(proc, note) -> None:
             line = raw.decode(errors="replace").rstrip()
             if line and not PROGRESS.search(line):
                 note(line)
+                if line.startswith("=== decode data"):
+                    started.set()
 
 
-def check_second_copy(command, note) -> None:
-    """A second copy started while the first holds its folders must be refused at once."""
-    time.sleep(150)  # past the first run's set-up, when it holds its locks
+def check_second_copy(command, note, started) -> None:
+    """A second copy started while the first holds its folders must be refused at once (after
+    the first one's set-up: two installs into one .venv at once would be a test of pip)."""
+    if not started.wait(timeout=1800):
+        note("--- second copy: not started (the first run never reached its stages)")
+        return
+    time.sleep(5)
     t0 = time.time()
     second = subprocess.run(command, capture_output=True, text=True, timeout=600)
     last = (second.stderr.strip().splitlines() or [""])[-1]
