@@ -53,6 +53,9 @@ class PipelineConfig:
                                "student's val fold (-1: none; the shipped student trains on every image)", min=-1)
     scratch_control: bool = option(False, "also train the same student on hard labels only (distill.py "
                                    "--scratch), into work_dir/scratch: the control distillation must beat")
+    student_seeds: list[int] = option([], "more seeds of the student (and its control) on the same teachers and "
+                                      "split, into work_dir/seed<S>; with --heldout-fold and --scratch-control the "
+                                      "run ends with the paired table (work_dir/heldout_pairs.csv)", min=0)
     reuse_teachers: bool = option(True, "keep fold teachers that already exist under teachers_root")
     report: bool = option(True, "write the evaluation report at the end")
 
@@ -77,11 +80,17 @@ def teacher_argv(cfg: PipelineConfig, name: str, fold: int) -> list[str]:
             *nested]
 
 
-def student_argv(cfg: PipelineConfig, work: Path, scratch: bool = False) -> list[str]:
-    """All the pipeline tells distill.py: paths, the recipe, the held-out fold, the seed."""
-    out = work / "scratch" / "model.pth" if scratch else Path(cfg.out)
+def student_argv(cfg: PipelineConfig, work: Path, scratch: bool = False, seed: int | None = None) -> list[str]:
+    """All the pipeline tells distill.py: paths, the recipe, the held-out fold, the seed. Another
+    student ``seed`` than the pipeline's trains in work/seed<S> on the same split (--split-seed) and
+    the same views, those the teachers' trunks cached (--view-seed)."""
+    seed = cfg.seed if seed is None else seed
+    if seed != cfg.seed:
+        work = work / f"seed{seed}"
+    out = work / "scratch" / "model.pth" if scratch else Path(cfg.out) if seed == cfg.seed else work / "model.pth"
     return ["--data", cfg.data, *(["--recipe", cfg.recipe] if cfg.recipe else []),
-            "--teachers-root", cfg.teachers_root, "--val-fold", str(cfg.heldout_fold), "--seed", str(cfg.seed),
+            "--teachers-root", cfg.teachers_root, "--val-fold", str(cfg.heldout_fold), "--seed", str(seed),
+            *(["--split-seed", str(cfg.seed)] if seed != cfg.seed else []),
             "--view-seed", str(cfg.seed), "--out", str(out),
             "--work-dir", str(work / ("scratch" if scratch else "distill")), *(["--scratch"] if scratch else [])]
 
@@ -122,18 +131,27 @@ def run(cfg: PipelineConfig, work: Path) -> dict:
 
     teachers_sha = teachers_digest(cfg.teachers_root)
     record_path = work / "stages.json"
-    for scratch in [False] + ([True] if cfg.scratch_control else []):
-        argv = student_argv(cfg, work, scratch)
-        name = "hard-label control" if scratch else "distil student"
-        status = student_status(argv, record_path, teachers_sha, scratch)
-        if status.startswith("reused"):
-            print(f"=== {name}: {status}", flush=True)
-            statuses[name] = status
-            continue
-        record_stage(record_path, name, {"teachers": teachers_sha, "finished": None})
-        stage(name, status, lambda: distill.main(argv + (["--resume"] if status.startswith("resumed") else [])))
-        out = Path(argv[argv.index("--out") + 1])
-        record_stage(record_path, name, {"teachers": teachers_sha, "finished": file_digest(out)})
+    seeds = [cfg.seed] + [s for s in dict.fromkeys(cfg.student_seeds) if s != cfg.seed]
+    pairs = []  # (seed, distilled student's out, control's out)
+    for seed in seeds:
+        outs = []
+        for scratch in [False] + ([True] if cfg.scratch_control else []):
+            argv = student_argv(cfg, work, scratch, seed)
+            name = "hard-label control" if scratch else "distil student"
+            name += f" seed {seed}" if seed != cfg.seed else ""
+            status = student_status(argv, record_path, teachers_sha, scratch, name)
+            outs.append(Path(argv[argv.index("--out") + 1]))
+            if status.startswith("reused"):
+                print(f"=== {name}: {status}", flush=True)
+                statuses[name] = status
+                continue
+            record_stage(record_path, name, {"teachers": teachers_sha, "finished": None})
+            stage(name, status, lambda: distill.main(argv + (["--resume"] if status.startswith("resumed") else [])))
+            record_stage(record_path, name, {"teachers": teachers_sha, "finished": file_digest(outs[-1])})
+        if cfg.scratch_control:
+            pairs.append((seed, *outs))
+    if cfg.heldout_fold >= 0 and pairs:
+        paired_table(cfg.heldout_fold, pairs, work / "heldout_pairs.csv")
 
     if cfg.report:
         from toolkit import evaluate
@@ -200,10 +218,10 @@ def teacher_mismatch(folder: Path, argv: list[str], fingerprint: str) -> str | N
     return None
 
 
-def student_status(argv: list[str], record_path: Path, teachers_sha: str, scratch: bool) -> str:
-    """'reused ...' (its model.pth is the one this run's student stage finished with, from these
-    very teachers), 'resumed ...' (a checkpoint of the same student from the same teachers) or 'trained'."""
-    name = "hard-label control" if scratch else "distil student"
+def student_status(argv: list[str], record_path: Path, teachers_sha: str, scratch: bool, name: str) -> str:
+    """'reused ...' (its model.pth is the one this run's student stage ``name`` finished with, from
+    these very teachers), 'resumed ...' (a checkpoint of the same student from the same teachers)
+    or 'trained'."""
     record = read_records(record_path).get(name, {})
     out = Path(argv[argv.index("--out") + 1])
     same_teachers = scratch or record.get("teachers") == teachers_sha
@@ -216,6 +234,37 @@ def student_status(argv: list[str], record_path: Path, teachers_sha: str, scratc
         checkpoint.unlink()  # the teachers changed since: its soft targets are not this run's
         return "trained (the checkpoint there came from other teachers: removed)"
     return "trained"
+
+
+def paired_table(fold: int, pairs: list[tuple[int, Path, Path]], csv_path: Path) -> list[dict]:
+    """The nested estimate's paired comparison: per seed, the distilled student's and its
+    hard-label control's accuracy on the held-out fold (percent), printed with the mean gap and
+    its standard error, and written to ``csv_path`` (fold,seed,distilled,hard_label)."""
+    import csv
+    import io
+    import math
+    import statistics
+
+    from toolkit.estimates import read_heldout
+    rows = []
+    for seed, distilled, control in pairs:
+        accs = [read_heldout(p.with_suffix(".provenance.json"))["accuracy"] for p in (distilled, control)]
+        rows.append({"fold": fold, "seed": seed, "distilled": round(100 * accs[0], 2),
+                     "hard_label": round(100 * accs[1], 2)})
+    gaps = [r["distilled"] - r["hard_label"] for r in rows]
+    se = statistics.stdev(gaps) / math.sqrt(len(gaps)) if len(gaps) > 1 else float("nan")
+    print(f"\nheld-out fold {fold}: distilled vs hard-label control, paired by seed")
+    print(f"{'seed':>6} {'distilled':>10} {'hard_label':>11} {'gap':>7}")
+    for r, gap in zip(rows, gaps):
+        print(f"{r['seed']:>6} {r['distilled']:>9.2f}% {r['hard_label']:>10.2f}% {gap:>+7.2f}")
+    print(f"mean gap {statistics.mean(gaps):+.2f} points (standard error {se:.2f}) over {len(gaps)} pair(s), "
+          f"positive in {sum(g > 0 for g in gaps)}")
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=["fold", "seed", "distilled", "hard_label"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(text.getvalue(), csv_path)
+    return rows
 
 
 def checkpoint_position(path: Path) -> str:

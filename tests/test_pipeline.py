@@ -142,6 +142,8 @@ def test_heldout_fold_is_never_trained_on_by_teachers_or_student(tmp_path, monke
     """--heldout-fold 1 (a nested estimate): no fold-1 teacher, every teacher excludes fold 1, the
     student and its hard-label control both validate on it, with the same student flags."""
     calls, course = stub_scripts(monkeypatch), str(make_course())
+    tables = []
+    monkeypatch.setattr(pipeline, "paired_table", lambda fold, pairs, path: tables.append((fold, pairs)))
     root = tmp_path / "teachers"
     pipeline.main(["--data", course, "--teachers-root", str(root), "--no-report", "--heldout-fold", "1",
                    "--scratch-control", "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "model.pth")])
@@ -152,6 +154,7 @@ def test_heldout_fold_is_never_trained_on_by_teachers_or_student(tmp_path, monke
     for argv in (student, control):
         assert argv[argv.index("--val-fold") + 1] == "1"
     assert "--scratch" in control and "--scratch" not in student
+    assert tables == [(1, [(0, tmp_path / "model.pth", tmp_path / "work" / "scratch" / "model.pth")])]
     strip = {"--out", "--work-dir"}
     keep = [a for i, a in enumerate(student) if a not in strip and (i == 0 or student[i - 1] not in strip)]
     assert keep == [a for i, a in enumerate(control[:-1]) if a not in strip and (i == 0 or control[i - 1] not in strip)]
@@ -182,3 +185,37 @@ def test_default_teachers_are_larger_than_the_student():
     for t in teachers:
         assert count_macs(t, torch.zeros(1, 3, 100, 100, dtype=torch.uint8)) > 1.5 * student_macs, t.model_name
     assert max(parameter_count(t) for t in teachers) > 1.25 * parameter_count(student)  # lite2: 4.8 M vs 3.4 M
+
+
+def test_student_seeds_give_the_paired_heldout_table(tmp_path, monkeypatch, make_course, capsys):
+    """--student-seeds: each extra seed trains the student and its control on the same teachers,
+    split (--split-seed) and views; the run ends with the paired table and heldout_pairs.csv."""
+    calls = []
+    accuracy = {(0, False): 0.88, (0, True): 0.87, (1, False): 0.90, (1, True): 0.87, (2, False): 0.86,
+                (2, True): 0.865}
+
+    def fake_distill(argv):
+        calls.append(argv)
+        seed, scratch = int(argv[argv.index("--seed") + 1]), "--scratch" in argv
+        out = Path(argv[argv.index("--out") + 1])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(b"student")
+        out.with_suffix(".provenance.json").write_text(json.dumps(
+            {"val_fold": 1, "student_val": {"val_acc": accuracy[seed, scratch]}, "config": {"seed": seed}}))
+        return {}
+    monkeypatch.setattr(pipeline.train_teacher, "main", lambda argv: {})
+    monkeypatch.setattr(pipeline.distill, "main", fake_distill)
+    work = tmp_path / "work"
+    pipeline.main(["--data", str(make_course()), "--teachers-root", str(tmp_path / "t"), "--no-report",
+                   "--heldout-fold", "1", "--scratch-control", "--student-seeds", "1", "2", "0",
+                   "--work-dir", str(work), "--out", str(tmp_path / "model.pth")])
+    assert [(a[a.index("--seed") + 1], "--scratch" in a) for a in calls] == \
+        [("0", False), ("0", True), ("1", False), ("1", True), ("2", False), ("2", True)]
+    for argv in calls[2:]:  # other seeds: the pipeline's split and views, their own folders
+        assert argv[argv.index("--split-seed") + 1] == "0" and argv[argv.index("--view-seed") + 1] == "0"
+        assert f"seed{argv[argv.index('--seed') + 1]}" in argv[argv.index("--out") + 1]
+    assert "--split-seed" not in calls[0]  # the shipped path is the same command as before
+    rows = (work / "heldout_pairs.csv").read_text().splitlines()
+    assert rows == ["fold,seed,distilled,hard_label", "1,0,88.0,87.0", "1,1,90.0,87.0", "1,2,86.0,86.5"]
+    out = capsys.readouterr().out
+    assert "mean gap +1.17 points (standard error 1.01) over 3 pair(s), positive in 2" in out
