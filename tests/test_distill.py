@@ -528,3 +528,42 @@ def test_shared_trunk_logits_equal_full_forward_when_cache_is_cold(world, tmp_pa
     assert torch.allclose(cold, full, atol=1e-5)
     assert torch.allclose(warm, full, atol=5e-2)   # fp16 cached features
     assert (warm.argmax(-1) == full.argmax(-1)).float().mean() >= 0.75
+
+
+def test_a_missing_teacher_trunk_cache_is_rebuilt_to_the_same_bits(world, tmp_path, monkeypatch):
+    """On a machine without the teachers' trunk caches (a fresh clone with the committed teachers),
+    distillation rebuilds each cache exactly as train_teacher.py made it (the start weights in fp32,
+    the same views and batches): the same features, bit for bit, and so the same student, bit for
+    bit, as on the machine that trained the teachers."""
+    import shutil
+
+    import timm
+
+    from helpers_distill import TINY_TEACHER
+    torch.manual_seed(5)
+    start = tmp_path / "start.pth"
+    torch.save(timm.create_model(TINY_TEACHER, num_classes=3).state_dict(), start)  # deterministic start weights
+    trained_cache = tmp_path / "trained-cache"
+    monkeypatch.setenv("TOOLKIT_CACHE", str(trained_cache))
+    teachers = [train_tiny_teacher(world.data, tmp_path / f"t{f}", fold=f, folds=3, frozen_stages=2,
+                                   extra=["--pretrained", str(start)]) for f in range(3)]
+    original = sorted(trained_cache.glob("trunk-*.pt"))
+    assert len(original) == 1  # one recipe, one trunk file for its fold teachers
+
+    def argv(out, work):
+        return distill_argv(world.data, world.arch, out, work, teachers, max_shift=8, view_seed=0, epochs=1,
+                            val_fold=-1)
+    distill.main(argv(tmp_path / "a" / "model.pth", tmp_path / "a" / "work"))  # where the teachers were trained
+
+    fresh = tmp_path / "fresh-cache"  # another machine: the data cache only
+    fresh.mkdir()
+    for p in trained_cache.glob("*.pt"):
+        if not p.name.startswith("trunk-"):
+            shutil.copy(p, fresh / p.name)
+    monkeypatch.setenv("TOOLKIT_CACHE", str(fresh))
+    distill.main(argv(tmp_path / "b" / "model.pth", tmp_path / "b" / "work"))
+    rebuilt = fresh / original[0].name
+    assert rebuilt.is_file() and not list(fresh.glob("view-trunk-*"))
+    a, b = torch.load(original[0], weights_only=True), torch.load(rebuilt, weights_only=True)
+    assert torch.equal(a["features"], b["features"]) and torch.equal(a["view_params"], b["view_params"])
+    assert (tmp_path / "a" / "model.pth").read_bytes() == (tmp_path / "b" / "model.pth").read_bytes()

@@ -20,8 +20,8 @@ from .backbones import TeacherError
 from .ensemble_fit import fit_weights, greedy_selection, recipe_groups, recipe_oof_log_probs, recipe_weight_matrix
 from .splits import teacher_saw, val_seen_by_teachers
 from .teachers import TEACHER_FILE, Teacher, find_teacher_folders, load_teacher, predict_logits
-from .trunk import (TrunkSplit, own_trunk_blob, stored_trunk_features, trunk_cache_path, trunk_identity,
-                    view_trunk_features)
+from .trunk import (TrunkSplit, own_trunk_blob, rebuild_own_trunk_cache, stored_trunk_features, trunk_cache_path,
+                    trunk_identity, view_trunk_features)
 
 
 class Ensemble(nn.Module):
@@ -202,6 +202,8 @@ def members_view_logits(teachers: list[Teacher], rgb_u8: torch.Tensor, view_para
     """
     out: list[torch.Tensor | None] = [None] * len(teachers)
     groups: dict[str, tuple] = {}  # trunk identity digest -> (its hash, lead's TrunkSplit, member indices)
+    for t in teachers:  # missing own trunk caches first (once per recipe: its fold teachers share the file)
+        rebuild_own_trunk_cache(t, rgb_u8, view_params, fingerprint, device)
     for m, t in enumerate(teachers):
         frozen = getattr(t, "config", {}).get("frozen_stages", 0)
         if frozen and fingerprint and stored_trunk_features(t, view_params, fingerprint) is None:

@@ -222,3 +222,44 @@ def view_trunk_features(identity: "hashlib._Hash", teacher, split: TrunkSplit, i
         columns.append(cached_trunk_features(path, teacher, split, images_u8, params, device, save=save,
                                              desc=f"trunk features, view {j + 1}/{view_params.shape[1]}")[:, 0])
     return torch.stack(columns, 1)
+
+
+def rebuild_own_trunk_cache(teacher, rgb_u8: torch.Tensor, view_params: torch.Tensor, fingerprint: str,
+                            device: str | torch.device = "cpu") -> bool:
+    """Recompute a teacher's own trunk cache when it is missing (a fresh machine, a cleared
+    cache), exactly as train_teacher.py made it: the same frozen trunk in fp32 (its start weights:
+    teacher.pth keeps fp16), the same views, batches and order. Its soft targets are then the
+    same bits as on the machine that trained it, whichever run computes them first. Only when at
+    least one of ``view_params``' views is one of the teacher's own; True if the cache was written."""
+    from .augment import sample_view_params
+    from .teachers import build_teacher
+    config = getattr(teacher, "config", {})
+    key, frozen = config.get("trunk_cache_key"), config.get("frozen_stages", 0)
+    if not key or not frozen or config.get("data_fingerprint") != fingerprint or trunk_cache_path(key).is_file():
+        return False
+    try:
+        own_views = sample_view_params(len(rgb_u8), config["views"], config["max_shift"], config["seed"])
+        if not any(torch.equal(own_views[:, i], view_params[:, j])
+                   for i in range(own_views.shape[1]) for j in range(view_params.shape[1])):
+            return False
+        if config["pretrained"] == "none":  # a random start: only teacher.pth (fp16) has it
+            return False
+        start = build_teacher(teacher.model_name, teacher.classes, config["input_mode"], config["input_size"],
+                              config["pretrained"])  # the frozen trunk as it was before training
+    except Exception as err:  # e.g. hub weights with no network: the saved (fp16) trunk is used instead
+        log.warning(f"warning: {getattr(teacher, 'folder', teacher.model_name)}: its trunk cache cannot be rebuilt "
+                    f"({type(err).__name__}: {' '.join(str(err).split())[:160]}); using its saved fp16 trunk")
+        return False
+    split = TrunkSplit(start.backbone, frozen)
+    saved = TrunkSplit(teacher.backbone, frozen)
+    same = all(torch.equal(a.detach().half().float().cpu(), b.detach().float().cpu())
+               for ma, mb in zip(split.trunk_modules(), saved.trunk_modules())
+               for a, b in zip(ma.state_dict().values(), mb.state_dict().values()) if a.is_floating_point())
+    if not same:  # the start weights changed since (another package version, another file)
+        log.warning(f"warning: {getattr(teacher, 'folder', teacher.model_name)}: its start weights no longer match "
+                    "its saved trunk; using the saved fp16 trunk")
+        return False
+    start.to(device)
+    cached_trunk_features(trunk_cache_path(key), start, split, rgb_u8, own_views, device,
+                          desc=f"trunk features of {Path(getattr(teacher, 'folder', '')).name} (rebuilt)")
+    return True
