@@ -112,7 +112,8 @@ def two_recipes(tmp_path_factory):
     from toolkit.data import load_course_folder
     from toolkit.teachers import load_teacher
     root = tmp_path_factory.mktemp("recipes")
-    data = load_course_folder(make_course_folder(root / "data"), progress=False)
+    # its own cache: a module fixture runs before conftest's per-test TOOLKIT_CACHE, never in ~/.cache
+    data = load_course_folder(make_course_folder(root / "data"), progress=False, cache_dir=root / "cache")
     teachers = [load_teacher(build_tiny_teacher(root / f"r{r}_f{f}", seed=10 * r + f,
                                                 config={"fold": f, "folds": 3, "epochs": r + 1}))
                 for r in range(2) for f in range(3)]
