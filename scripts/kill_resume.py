@@ -6,7 +6,7 @@ each kill cost: the acceptance check that ./run.sh survives its machine.
         -- ./run.sh
 
 A kill point FILE:K:S fires S seconds after the K-th time FILE is written (a checkpoint: every
---checkpoint-every steps and at each epoch end), so that S seconds of training are lost. After
+--checkpoint-every steps and at each epoch end); the training since the last write is lost. After
 each kill the same command starts again; the last run goes to its end. A second copy of the
 command is started once while the first runs: it must be refused at once (the run's lock).
 Every line the runs print is logged with the time since the start; the summary gives, per kill,
@@ -61,13 +61,15 @@ def main() -> None:
             summary.append(f"final run: exit {rc}, {time.time() - t_run:.0f} s")
             break
         path, count, seconds = kill
-        writes, last_mtime, last_write = 0, mtime(path), None
+        writes, last_mtime, last_write, kill_at = 0, mtime(path), None, None
         while proc.poll() is None:
             now_mtime = mtime(path)
             if now_mtime is not None and now_mtime != last_mtime:
                 writes, last_mtime, last_write = writes + 1, now_mtime, time.time()
                 note(f"--- {path} written ({writes})")
-            if writes >= count and last_write is not None and time.time() - last_write >= seconds:
+                if writes == count:
+                    kill_at = last_write + seconds  # later writes do not postpone it
+            if kill_at is not None and time.time() >= kill_at:
                 break
             time.sleep(0.5)
         if proc.poll() is not None:
