@@ -109,11 +109,6 @@ def teacher_folder_name(model: str, input_size: int | str, fold: int | None = No
     return name if fold is None else f"{name}_f{fold}" if fold >= 0 else f"{name}_all"
 
 
-def member_flags(flags: dict) -> list[str]:
-    """{field: value} -> ['--field', 'value', ...] (for messages and hand-written commands)."""
-    return [x for k, v in flags.items() for x in ("--" + k.replace("_", "-"), str(v))]
-
-
 @functools.lru_cache(maxsize=8)
 def _read_file(path: str, mtime_ns: int) -> dict:
     import yaml
