@@ -33,11 +33,14 @@ from toolkit.engine import (epoch_index_batches, make_trainer, run_info, save_ru
 from toolkit.ensemble import ensemble_on_val, load_ensemble, view_soft_targets
 from toolkit.io import atomic_save, atomic_write_json, ensure_writable_dir
 from toolkit.locks import hold_locks
-from toolkit.losses import dist_loss, kd_loss, label_smoothing_ce
+from toolkit.losses import dist_loss, kd_loss, label_smoothing_ce, soft_cross_entropy
+from toolkit.mixviews import (mixed_hard_targets, mixed_view_targets, render_views, sample_mixed_views,
+                              student_mixed_features)
 from toolkit.recipe import with_recipe_defaults
 from toolkit.splits import ClassBalancedSampler, check_split, fold_split
-from toolkit.student import (ContractError, check_state_dict_matches, exec_architecture, init_student_weights,
-                             student_trunk_features)
+from toolkit.student import (ContractError, StudentInput, check_state_dict_matches, exec_architecture,
+                             init_student_weights, student_trunk_features)
+from toolkit.trunk import TrunkSplit
 
 
 # The schedule, optimiser, sampling, split and device fields come from TrainingRun (toolkit.config);
@@ -70,7 +73,14 @@ class DistillConfig(TrainingRun):
     calibrate: bool = option(False, "fit the ensemble's temperature on those out-of-fold predictions")
     mode: str = option("cached", "cached: stored ensemble targets on fixed views; online: teachers run on "
                        "each batch", choices=("cached", "online"))
-    views: int = option(8, "cached views per image (0: identity, 1: mirror, rest shifted)", min=1)
+    views: int = option(8, "cached views per image (0: identity, 1: mirror, rest shifted or mixed)", min=1)
+    view_kind: str = option("shift", "views 2..: shift (flip + shift, the teachers' views) or mixed (random "
+                            "resized crops, CutMix or mixup with another training image, labelled on that mix)",
+                            choices=("shift", "mixed"))
+    min_crop: float = option(0.35, "mixed views: smallest crop, as a fraction of the image's area", min=0.05, max=1)
+    cutmix_prob: float = option(0.5, "mixed views: share mixed by CutMix (the rest by mixup)", min=0, max=1)
+    target_input: str = option("rgb", "mixed views: what the teachers label, the RGB view or the student's grey "
+                               "view (replicated to 3 channels)", choices=("rgb", "grey"))
     max_shift: int = option(8, "largest shift of a view, pixels", min=0, max=50)
     view_seed: int = option(0, "seed of the views (the teachers' seed reuses their trunk cache)", min=0)
     loss: str = option("kd", "kd: Hinton KD + hard-label CE; dist: DIST (Huang 2022)", choices=("kd", "dist"))
@@ -95,6 +105,10 @@ class DistillConfig(TrainingRun):
             return "teacher_weights", "the weights sum to 0"
         if self.mixup > 0 and self.scratch:
             return "mixup", "--scratch trains on hard labels and does not mix"
+        if self.view_kind == "mixed" and self.mode != "cached":
+            return "view_kind", "mixed views are labelled once: --mode cached"
+        if self.view_kind == "mixed" and self.mixup > 0:
+            return "mixup", "--view-kind mixed already mixes every view after the first two; drop --mixup"
         return None
 
 
@@ -128,7 +142,16 @@ def distil(cfg: DistillConfig, env, device) -> dict:
     # --- soft targets: (N, K, C) ensemble probabilities on K views (cached mode) ----------
     view_params = sample_view_params(len(data), cfg.views, cfg.max_shift, cfg.view_seed)
     targets, ens_metrics, teacher_records = None, {}, []
-    if ensemble is not None and cfg.mode == "cached":
+    if cfg.view_kind == "mixed":  # parameters stored, pixels rendered again when needed
+        view_params = sample_mixed_views(len(data), cfg.views, train_idx, cfg.view_seed, 2, cfg.min_crop,
+                                         cfg.cutmix_prob)                                      # (N, K, 15)
+        if ensemble is not None:
+            targets, ens_metrics, teacher_records = mixed_view_targets(
+                ensemble, data, view_params, folds, train_idx, val_idx, cfg.oof, cfg.target_input, device,
+                verbose=env.is_main)
+            if env.is_main:
+                print(f"mixed-view targets {tuple(targets.shape)}: {ens_metrics}", flush=True)
+    elif ensemble is not None and cfg.mode == "cached":
         targets, ens_metrics, teacher_records = view_soft_targets(
             ensemble, data, view_params, folds, train_idx, val_idx, cfg.oof, cfg.calibrate, device,
             cfg.ensemble_weights)
@@ -139,14 +162,20 @@ def distil(cfg: DistillConfig, env, device) -> dict:
 
     # --- student: its frozen first stages run once per cached view, the rest trains -------
     net, features = student, None
-    if cfg.student_frozen_stages > 0 and (cfg.scratch or cfg.mode == "cached"):
+    if cfg.view_kind == "mixed" and cfg.student_frozen_stages > 0:
+        net = TrunkSplit(student, cfg.student_frozen_stages)
+        features = student_mixed_features(net, StudentInput(student).prepare, data.grey, view_params, train_idx,
+                                          device)                                      # (R, K, C', h, w)
+        net.takes_features = True
+    elif cfg.student_frozen_stages > 0 and (cfg.scratch or cfg.mode == "cached"):
         net, features = student_trunk_features(student, cfg.student_frozen_stages, data.grey, view_params,
                                                data.fingerprint, device, verbose=env.is_main)
         net.takes_features = True                                         # features: (N, K, C', h, w)
 
     # --- training --------------------------------------------------------------------------
     trainer = make_trainer(net, cfg, work, sampler, env, device, desc="student", fingerprint=data.fingerprint)
-    loss_fn = make_loss(cfg, data, device, view_params, features, targets, ensemble)
+    loss_fn = (make_mixed_loss(cfg, data, device, view_params, features, targets, train_idx) if cfg.view_kind == "mixed"
+               else make_loss(cfg, data, device, view_params, features, targets, ensemble))
 
     def evaluate(net):  # the whole student as the server runs it, on the val fold's grey images
         whole = getattr(net, "backbone", net).eval()
@@ -164,7 +193,8 @@ def distil(cfg: DistillConfig, env, device) -> dict:
     atomic_save(state, cfg.out)
     val = {k: v for k, v in history[-1].items() if k.startswith("val_")} if history else {}
     provenance = {"model": cfg.out, "architecture": cfg.arch, "classes": data.classes,
-                  "recipe": "scratch" if cfg.scratch else f"{cfg.mode} {cfg.loss}",
+                  "recipe": "scratch" if cfg.scratch else f"{'mixed' if cfg.view_kind == 'mixed' else cfg.mode} "
+                                                          f"{cfg.loss}",
                   "teachers": teacher_records, "ensemble": ens_metrics, "student_val": val,
                   "train_seconds": round(time.time() - t0, 1), "val_fold": cfg.val_fold,
                   "val_images": len(val_idx), "config": asdict(cfg),
@@ -242,6 +272,33 @@ def make_loss(cfg: DistillConfig, data, device, view_params, features, targets, 
         return soft_objective(cfg, net(both[:, 3:]), probs, y)
 
     return scratch if cfg.scratch else cached if cfg.mode == "cached" else online
+
+
+def make_mixed_loss(cfg: DistillConfig, data, device, view_params, features, targets, train_idx):
+    """``loss_fn`` on stored mixed views: a random view k of each image, its frozen-stage
+    features (or grey pixels, rendered), and the ensemble's probabilities on that very view
+    (distilled) or its mixed hard label (--scratch: the same views, the same mixes)."""
+    row_of = torch.full((len(data),), -1, dtype=torch.long)
+    row_of[train_idx] = torch.arange(len(train_idx))                       # image -> row of targets/features
+    hard = mixed_hard_targets(data.labels, view_params, len(data.classes))                    # (N, K, C)
+
+    def loss_fn(net, idx, gen):
+        k = torch.randint(0, cfg.views, (len(idx),), generator=gen)
+        if features is not None:
+            x = features[row_of[idx], k].to(device).float()                                     # (B, C', h, w)
+        else:
+            x = render_views(data.grey, idx, view_params[idx, k]).to(device).float() / 255    # (B, 1, H, W)
+        logits, y = net(x), hard[idx, k].to(device)
+        if cfg.scratch:
+            return {"loss": torch.nn.functional.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)}
+        probs = targets[row_of[idx], k].float().to(device)
+        if cfg.loss == "dist":
+            return dist_loss(logits, probs, T=cfg.temperature)
+        kd = kd_loss(logits, probs, None, T=cfg.temperature, alpha=0.0)["kd"]
+        ce = soft_cross_entropy(logits, y)  # the mixed hard label: lam * y_i + (1 - lam) * y_partner
+        return {"loss": cfg.alpha * ce + (1 - cfg.alpha) * kd, "ce": ce, "kd": kd}
+
+    return loss_fn
 
 
 def cli() -> None:
