@@ -121,7 +121,7 @@ def test_mixed_hard_targets_weigh_both_labels_by_their_pixels():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    with tiny_world(tmp_path_factory.mktemp("mixviews"), trunk_teacher=False) as world:
+    with tiny_world(tmp_path_factory.mktemp("mixviews"), trunk_teacher=True) as world:
         yield world
 
 
@@ -153,6 +153,30 @@ def test_stored_targets_are_the_ensemble_on_exactly_the_rendered_view(world, sha
     again = teacher_mixed_logits(teachers[0], source, params, train_idx, target_input, data.fingerprint)
     assert torch.equal(again, teacher_mixed_logits(teachers[0], source, params, train_idx, target_input,
                                                    data.fingerprint, save=False))
+
+
+def test_plain_and_mirror_labels_come_from_the_teachers_trunk_caches(world, shared_cache, monkeypatch):
+    """A frozen-trunk teacher labels the anchor views with its head on its own trunk cache (no
+    trunk pass), the mixed views whole; both equal the teacher on the rendered view."""
+    import toolkit.mixviews as mixviews
+    data = load_course_folder(world.data, progress=False)
+    teacher = load_teacher(world.trunk)
+    folds, train_idx, val_idx = fold_split(data.labels, 3, 0, 1)
+    params = sample_mixed_views(len(data), 4, train_idx, seed=5)
+    assert mixviews.stored_anchor_columns([teacher], params, data.fingerprint) == [0, 1]
+    rendered = []
+    real = mixviews.teacher_mixed_logits
+    monkeypatch.setattr(mixviews, "teacher_mixed_logits",
+                        lambda t, im, p, *a, **k: rendered.append(p.shape[1]) or real(t, im, p, *a, **k))
+    targets, metrics, _ = mixed_view_targets(Ensemble([teacher]), data, params, folds, train_idx, val_idx, oof=False)
+    assert rendered == [2]                                   # the two mixed columns only; val from the cache too
+    i, k = train_idx.repeat_interleave(4), torch.arange(4).repeat(len(train_idx))
+    with torch.no_grad():
+        want = teacher(render_views(data.rgb, i, params[i, k])).softmax(-1).view(len(train_idx), 4, -1)
+    assert torch.allclose(targets.float(), want, atol=1e-2)   # trunk features are stored in fp16
+    with torch.no_grad():
+        val_acc = (teacher(data.rgb[val_idx]).argmax(-1) == data.labels[val_idx]).float().mean().item()
+    assert metrics["ensemble_val_acc"] == pytest.approx(val_acc, abs=1e-4)
 
 
 @pytest.mark.parametrize("scratch", [False, True])

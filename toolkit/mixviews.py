@@ -256,6 +256,26 @@ def student_mixed_features(split, prepare, grey_u8: torch.Tensor, params: torch.
     return out.view(len(rows), k, *out.shape[1:])
 
 
+def stored_anchor_columns(teachers, params: torch.Tensor, fingerprint: str) -> list[int]:
+    """The view columns that are the plain image or its mirror for every image, if each teacher's
+    own trunk cache (train_teacher.py's, made for its identity and mirror views) is on disk: their
+    labels are then the teachers' heads on those features, no trunk pass. Else []."""
+    from .augment import sample_view_params
+    from .trunk import stored_trunk_features
+    p = params.long()
+    whole = ((p[..., _F["kind"]] == PLAIN) & (p[..., _F["x0"]] == 0) & (p[..., _F["y0"]] == 0)
+             & (p[..., _F["side"]] == 100)).all(0)                                                # (K,)
+    flips = [int(p[0, j, _F["flip"]]) for j in range(p.shape[1])]
+    columns = [j for j in range(p.shape[1]) if whole[j] and bool((p[:, j, _F["flip"]] == flips[j]).all())]
+    if sorted(flips[j] for j in columns)[:2] != [0, 1]:
+        return []
+    columns = [next(j for j in columns if flips[j] == 0), next(j for j in columns if flips[j] == 1)]
+    own = sample_view_params(p.shape[0], 2, 0, 0)                                      # identity, mirror
+    if not fingerprint or any(stored_trunk_features(t, own, fingerprint) is None for t in teachers):
+        return []
+    return columns
+
+
 def mixed_view_targets(ensemble, data, params: torch.Tensor, folds: torch.Tensor, train_idx: torch.Tensor,
                        val_idx: torch.Tensor, oof: bool = True, target_input: str = "rgb",
                        device="cpu", verbose: bool = True) -> tuple[torch.Tensor, dict, list[dict]]:
@@ -267,7 +287,7 @@ def mixed_view_targets(ensemble, data, params: torch.Tensor, folds: torch.Tensor
     rendering. The metrics score the same ensemble, same input, on the val fold's plain images
     (``ensemble_val_acc``) and the targets on the training images' plain view (``target_train_acc``)."""
     import time
-    from .ensemble import combine_view_targets, oof_teacher_mask, teacher_records
+    from .ensemble import combine_view_targets, members_view_logits, oof_teacher_mask, teacher_records
     from .splits import val_seen_by_teachers
     t0 = time.time()
     teachers, labels = list(ensemble.teachers), data.labels
@@ -277,14 +297,24 @@ def mixed_view_targets(ensemble, data, params: torch.Tensor, folds: torch.Tensor
     member = torch.zeros(len(teachers), n_train, params.shape[1], len(ensemble.classes))     # (M, R, K, C)
     val_member = torch.zeros(len(teachers), len(val_idx), 1, len(ensemble.classes))
     plain = identity_views(len(data), 1)
+    anchors = stored_anchor_columns(teachers, params, data.fingerprint) if target_input == "rgb" else []
+    if anchors:  # the plain image and its mirror: the teachers' heads on their own trunk caches
+        needed = mask.clone()
+        needed[:, val_idx] = True
+        shift = torch.zeros(len(data), len(anchors), 3, dtype=torch.int8)
+        shift[:, :, 0] = params[:, anchors, _F["flip"]].to(torch.int8)
+        logits = members_view_logits(teachers, data.rgb, shift, data.fingerprint, needed, device)  # (M, N, J, C)
+        member[:, :, anchors] = logits[:, train_idx].float()
+        val_member[:] = logits[:, val_idx, :1].float()
+    rest = [j for j in range(params.shape[1]) if j not in anchors]
     for m, teacher in enumerate(teachers):
         name = getattr(teacher, "folder", teacher.model_name)
         own = mask[m, train_idx]
-        if own.any():
-            member[m, own] = teacher_mixed_logits(teacher, images, params, train_idx[own], target_input,
-                                                  data.fingerprint, device, save=verbose,
-                                                  desc=f"labelling views: {name}").float()
-        if len(val_idx):
+        if own.any() and rest:
+            member[m, own.nonzero()[:, :1], rest] = teacher_mixed_logits(
+                teacher, images, params[:, rest], train_idx[own], target_input, data.fingerprint, device,
+                save=verbose, desc=f"labelling views: {name}").float()
+        if len(val_idx) and not anchors:
             val_member[m] = teacher_mixed_logits(teacher, images, plain, val_idx, target_input, data.fingerprint,
                                                  device, save=verbose, desc=f"val images: {name}").float()
     targets = combine_view_targets(member, ensemble.weights, mask[:, train_idx], ensemble.combine)   # (R, K, C)
