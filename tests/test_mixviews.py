@@ -198,3 +198,14 @@ def test_mixed_views_refuse_online_mode_and_mixup(world, tmp_path):
             distill.main(distill_argv(world.data, world.arch, tmp_path / "m.pth", tmp_path / "w", world.teachers,
                                       view_kind="mixed", **flags))
     assert not (tmp_path / "m.pth").exists() and not (tmp_path / "w").exists()
+
+
+def test_a_recipe_gives_the_student_mixed_views_and_leaves_the_teachers_views():
+    import train_teacher
+    from helpers_distill import ROOT
+    from toolkit.config import parse_config
+    recipe = str(ROOT / "recipes" / "mixed.yaml")
+    student = parse_config(distill.DistillConfig, ["--recipe", recipe])
+    assert (student.view_kind, student.views) == ("mixed", 6)
+    assert parse_config(distill.DistillConfig, ["--recipe", recipe, "--scratch"]).view_kind == "mixed"  # the control too
+    assert parse_config(train_teacher.TeacherConfig, ["--recipe", recipe]).views == 2
