@@ -168,32 +168,59 @@ def serialise(obj) -> bytes:
     return buf.getvalue()
 
 
-# ----------------------------------------------------------------------------------------
-# Killing a run at a chosen point
-# ----------------------------------------------------------------------------------------
-# Runs distill.py as __main__ (exactly as `python distill.py ...`), with one hook that, at the
-# chosen point, writes the process id to a marker file and blocks; the test then SIGKILLs it.
-# Points: "targets:M"  the M-th teacher's target computation (before any checkpoint);
-#         "step:S"     just before training step S (global_step == S);
-#         "replace:NAME:J"  inside the J-th atomic write of NAME, after its temp file is
-#                      complete and before the rename (os.replace) that publishes it.
+# Runs a script (distill.py or pipeline.py) as __main__ with one hook: at the chosen point it
+# writes its pid to a marker file and waits (until a '<marker>.go' file appears, if ever); the
+# test SIGKILLs it there (or lets it go on). Points:
+#   decode                 while decoding the JPEGs (before the data cache is written)
+#   replace:GLOB:J         inside the J-th atomic write of a file whose name matches GLOB, temp
+#                          file complete, before the rename (os.replace) that publishes it
+#   step:S, step:DESC:S    before training step S (global_step == S) of any run, or of the run
+#                          whose progress label starts with DESC
+#   targets:M              the M-th teacher's soft-target computation (before any checkpoint)
+#   report                 when the evaluation report starts
 KILL_WRAPPER = r'''
-import os, signal, sys, time, runpy
+import fnmatch, os, signal, sys, time, runpy
 from pathlib import Path
 # A run started from a non-interactive shell's background job (`cmd &`, as CI scripts may do)
 # inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler: restore it, as
 # an interactive terminal would have it, so the Ctrl-C tests send a signal the run can see.
 signal.signal(signal.SIGINT, signal.default_int_handler)
-root, marker, point = sys.argv[1], Path(sys.argv[2]), sys.argv[3].split(":")
+root, script, marker, point = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4].split(":")
 sys.path.insert(0, root)
 counts = {}
 
 def pause():
     marker.write_text(str(os.getpid()))
-    while True:
+    go = Path(str(marker) + ".go")
+    while not go.exists():
         time.sleep(0.05)
 
-if point[0] == "targets":
+if point[0] == "decode":
+    import toolkit.data as D
+    real_decode = D.decode_folder
+    def decode_folder(*a, **k):
+        pause()
+        return real_decode(*a, **k)
+    D.decode_folder = decode_folder
+elif point[0] == "replace":
+    real_replace = os.replace
+    def replace(src, dst, *a, **k):
+        if fnmatch.fnmatch(Path(dst).name, point[1]):
+            counts["r"] = counts.get("r", 0) + 1
+            if counts["r"] == int(point[2]):
+                pause()
+        return real_replace(src, dst, *a, **k)
+    os.replace = replace
+elif point[0] == "step":
+    import toolkit.engine as E
+    real_step = E.Trainer.train_step
+    desc, step = (point[1], int(point[2])) if len(point) == 3 else ("", int(point[1]))
+    def train_step(self, *a, **k):
+        if self.desc.startswith(desc) and self.global_step == step:
+            pause()
+        return real_step(self, *a, **k)
+    E.Trainer.train_step = train_step
+elif point[0] == "targets":
     import toolkit.ensemble as T
     real_tvl = T.teacher_view_logits
     def teacher_view_logits(*a, **k):
@@ -202,32 +229,22 @@ if point[0] == "targets":
             pause()
         return real_tvl(*a, **k)
     T.teacher_view_logits = teacher_view_logits
-elif point[0] == "step":
-    import toolkit.engine as E
-    real_step = E.Trainer.train_step
-    def train_step(self, *a, **k):
-        if self.global_step == int(point[1]):
-            pause()
-        return real_step(self, *a, **k)
-    E.Trainer.train_step = train_step
-elif point[0] == "replace":
-    real_replace = os.replace
-    def replace(src, dst, *a, **k):
-        if Path(dst).name == point[1]:
-            counts["r"] = counts.get("r", 0) + 1
-            if counts["r"] == int(point[2]):
-                pause()
-        return real_replace(src, dst, *a, **k)
-    os.replace = replace
+elif point[0] == "report":
+    import toolkit.evaluate as V
+    real_main = V.main
+    def main(*a, **k):
+        pause()
+        return real_main(*a, **k)
+    V.main = main
 else:
     raise SystemExit(f"unknown kill point {point}")
-sys.argv = [os.path.join(root, "distill.py"), *sys.argv[4:]]
+sys.argv = [os.path.join(root, script), *sys.argv[5:]]
 runpy.run_path(sys.argv[0], run_name="__main__")
 '''
 
 
-def start_paused_run(tmp: Path, point: str, argv: list[str], cache: Path):
-    """Start ``distill.py argv`` in a subprocess that blocks at ``point``; returns (proc, marker)."""
+def start_paused_run(tmp: Path, point: str, argv: list[str], cache: Path, script: str = "distill.py"):
+    """Start ``script argv`` in a subprocess that blocks at ``point``; returns (proc, marker)."""
     import subprocess
     tmp = Path(tmp)
     tmp.mkdir(parents=True, exist_ok=True)
@@ -236,24 +253,29 @@ def start_paused_run(tmp: Path, point: str, argv: list[str], cache: Path):
     env = subprocess_env(cache)
     env["OMP_NUM_THREADS"] = "1"  # as the in-process runs (torch.set_num_threads(1)): same floats
     log = open(tmp / "run.log", "w")
-    proc = subprocess.Popen([sys.executable, str(wrapper), str(ROOT), str(marker), point, *argv],
+    proc = subprocess.Popen([sys.executable, str(wrapper), str(ROOT), script, str(marker), point, *argv],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     return proc, marker
 
 
-def kill_when_paused(proc, marker: Path, timeout: float = 240.0) -> None:
-    """Wait until the run reports it reached its point, then SIGKILL it."""
-    import signal
+def wait_paused(proc, marker: Path, timeout: float = 240.0) -> None:
+    """Wait until the run reports it reached its point (its log in the failure if it ended first)."""
     import time
     deadline = time.time() + timeout
     while not marker.exists():
         if proc.poll() is not None:
             log = (marker.parent / "run.log").read_text()[-3000:]
-            raise AssertionError(f"run ended (rc={proc.returncode}) before its kill point:\n{log}")
+            raise AssertionError(f"run ended (rc={proc.returncode}) before its point:\n{log}")
         if time.time() > deadline:
             proc.kill()
-            raise AssertionError("run did not reach its kill point in time")
+            raise AssertionError("run did not reach its point in time")
         time.sleep(0.05)
+
+
+def kill_when_paused(proc, marker: Path, timeout: float = 240.0) -> None:
+    """Wait until the run reports it reached its point, then SIGKILL it."""
+    import signal
+    wait_paused(proc, marker, timeout)
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL
 

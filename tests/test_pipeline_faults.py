@@ -16,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,76 +24,12 @@ import torch
 import yaml
 
 import pipeline
-from helpers_distill import ROOT, make_course_folder, subprocess_env, write_arch
+import helpers_distill
+from helpers_distill import ROOT, make_course_folder, start_paused_run, write_arch
 from toolkit.cli import run_main
 from toolkit.locks import RunLockedError, hold_locks, lock_path
 
-# Runs pipeline.py as __main__ with one hook: at the chosen point it writes its pid to a marker
-# file and waits (until a '<marker>.go' file appears, if ever); the test SIGKILLs it there.
-#   decode                 while decoding the JPEGs (before the data cache is written)
-#   replace:GLOB:J         inside the J-th atomic write of a file matching GLOB, temp file complete,
-#                          before the rename that publishes it
-#   step:DESC:S            before training step S of the run whose progress label starts with DESC
-#   targets:M              the M-th teacher's soft-target computation
-#   report                 when the evaluation report starts
-WRAPPER = r'''
-import fnmatch, os, signal, sys, time, runpy
-from pathlib import Path
-signal.signal(signal.SIGINT, signal.default_int_handler)
-root, marker, point = sys.argv[1], Path(sys.argv[2]), sys.argv[3].split(":")
-sys.path.insert(0, root)
-counts = {}
-
-def pause():
-    marker.write_text(str(os.getpid()))
-    go = Path(str(marker) + ".go")
-    while not go.exists():
-        time.sleep(0.05)
-
-if point[0] == "decode":
-    import toolkit.data as D
-    real_decode = D.decode_folder
-    def decode_folder(*a, **k):
-        pause()
-        return real_decode(*a, **k)
-    D.decode_folder = decode_folder
-elif point[0] == "replace":
-    real_replace = os.replace
-    def replace(src, dst, *a, **k):
-        if fnmatch.fnmatch(Path(dst).name, point[1]):
-            counts["r"] = counts.get("r", 0) + 1
-            if counts["r"] == int(point[2]):
-                pause()
-        return real_replace(src, dst, *a, **k)
-    os.replace = replace
-elif point[0] == "step":
-    import toolkit.engine as E
-    real_step = E.Trainer.train_step
-    def train_step(self, *a, **k):
-        if self.desc.startswith(point[1]) and self.global_step == int(point[2]):
-            pause()
-        return real_step(self, *a, **k)
-    E.Trainer.train_step = train_step
-elif point[0] == "targets":
-    import toolkit.ensemble as T
-    real_tvl = T.teacher_view_logits
-    def teacher_view_logits(*a, **k):
-        counts["t"] = counts.get("t", 0) + 1
-        if counts["t"] == int(point[1]):
-            pause()
-        return real_tvl(*a, **k)
-    T.teacher_view_logits = teacher_view_logits
-elif point[0] == "report":
-    import toolkit.evaluate as V
-    real_main = V.main
-    def main(*a, **k):
-        pause()
-        return real_main(*a, **k)
-    V.main = main
-sys.argv = [os.path.join(root, "pipeline.py"), *sys.argv[4:]]
-runpy.run_path(sys.argv[0], run_name="__main__")
-'''
-
+# Kill points: helpers_distill.KILL_WRAPPER.
 # point -> the status line the second run must print for the stage that was interrupted
 KILLS = {
     "decode": ("decode", "=== teacher test_efficientnet_32px fold 0: trained"),
@@ -151,25 +86,12 @@ def world(tmp_path_factory):
 
 def start_paused(world, name: str, point: str, argv: list[str], cache: Path):
     folder = world.root / "kills" / name
-    folder.mkdir(parents=True, exist_ok=True)
-    wrapper, marker = folder / "wrapper.py", folder / "paused"
-    wrapper.write_text(WRAPPER)
-    env = subprocess_env(cache)
-    env["OMP_NUM_THREADS"] = "1"
-    log = open(folder / "run.log", "w")
-    proc = subprocess.Popen([sys.executable, str(wrapper), str(ROOT), str(marker), point, *argv],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc, marker = start_paused_run(folder, point, argv, cache, script="pipeline.py")
     return SimpleNamespace(proc=proc, marker=marker, folder=folder)
 
 
 def wait_paused(run, timeout: float = 240.0) -> None:
-    deadline = time.time() + timeout
-    while not run.marker.exists():
-        if run.proc.poll() is not None:
-            raise AssertionError(f"run ended (rc={run.proc.returncode}) before its point:\n"
-                                 f"{(run.folder / 'run.log').read_text()[-3000:]}")
-        assert time.time() < deadline, "run did not reach its point in time"
-        time.sleep(0.05)
+    helpers_distill.wait_paused(run.proc, run.marker, timeout)
 
 
 def run_in_process(argv: list[str], cache: Path, capsys) -> str:

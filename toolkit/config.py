@@ -152,24 +152,33 @@ def _range_text(meta) -> str:
 # ----------------------------------------------------------------------------------------
 # The config file
 # ----------------------------------------------------------------------------------------
-def read_config_file(path: Path, fields: dict, hints: dict) -> dict:
-    """YAML file -> {field: value coerced to the field's type}; ConfigError naming file and key."""
+def load_yaml_mapping(path: Path, what: str = "config file", expected: str = "'field: value' lines",
+                      error: type = None) -> dict:
+    """A YAML file holding a mapping -> that dict ({} for an empty file). ``error`` (default
+    ConfigError) names the file, and the line and column of a syntax error, in one line."""
     import yaml
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found" + (" (it is a folder)" if path.is_dir() else ""))
+    error = error or ConfigError
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        what = getattr(err, "problem", None) or type(err).__name__
-        raise ConfigError(f"{path}: not valid YAML ({what}{where})") from None
+        what_failed = getattr(err, "problem", None) or type(err).__name__
+        raise error(f"{path}: not valid YAML ({what_failed}{where})") from None
     except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: config file cannot be read ({type(err).__name__})") from None
+        raise error(f"{path}: {what} cannot be read ({type(err).__name__})") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected 'field: value' lines, got a YAML {type(raw).__name__}")
+        raise error(f"{path}: expected {expected}, got a YAML {type(raw).__name__}")
+    return raw
+
+
+def read_config_file(path: Path, fields: dict, hints: dict) -> dict:
+    """YAML file -> {field: value coerced to the field's type}; ConfigError naming file and key."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found" + (" (it is a folder)" if path.is_dir() else ""))
+    raw = load_yaml_mapping(path)
     unknown = sorted(set(map(str, raw)) - set(fields) - RECORDED_KEYS)
     if unknown:
         raise ConfigError(f"{path}: unknown keys {unknown} (valid: {', '.join(fields)})")

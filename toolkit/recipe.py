@@ -111,19 +111,8 @@ def teacher_folder_name(model: str, input_size: int | str, fold: int | None = No
 
 @functools.lru_cache(maxsize=8)
 def _read_file(path: str, mtime_ns: int) -> dict:
-    import yaml
-    p = Path(path)
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{p}: not valid YAML ({getattr(err, 'problem', None) or type(err).__name__})") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise RecipeError(f"{p}: recipe file cannot be read ({type(err).__name__})") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{p}: expected a mapping of {', '.join(SECTIONS)}, got a YAML {type(raw).__name__}")
-    return raw
+    from .config import load_yaml_mapping
+    return load_yaml_mapping(Path(path), "recipe file", f"a mapping of {', '.join(SECTIONS)}", RecipeError)
 
 
 def load_recipe(path: str | Path | None = None) -> Recipe:
