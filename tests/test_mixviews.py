@@ -210,3 +210,40 @@ def test_a_recipe_gives_the_student_mixed_views_and_leaves_the_teachers_views():
     control = parse_config(distill.DistillConfig, ["--recipe", recipe, "--scratch"])
     assert (control.view_kind, control.views) == ("mixed", 6)  # the hard-label control gets the same views
     assert parse_config(train_teacher.TeacherConfig, ["--recipe", recipe]).views == 2
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_pipeline_with_a_mixed_recipe_pairs_student_and_control_on_the_same_views(tmp_path, monkeypatch, one_thread):
+    """The whole pipeline on tiny data, real scripts: fold teachers with frozen trunks, then the
+    student and its hard-label control on the recipe's mixed views, held-out fold 0 of 3."""
+    import pipeline
+    import yaml
+    from helpers_distill import make_course_folder, write_arch
+    monkeypatch.setenv("TOOLKIT_CACHE", str(tmp_path / "cache"))
+    data = make_course_folder(tmp_path / "data", counts={"book": 9, "car": 9, "cat": 9})
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "folds": 3, "views": 2, "teachers": ["test_efficientnet@32"],
+        "teacher": {"pretrained": "none", "epochs": 1, "batch_size": 8, "frozen_stages": 2, "warmup_epochs": 0.5,
+                    "device": "cpu", "trivial_augment": False},
+        "student": {"epochs": 1, "batch_size": 8, "lr": 0.3, "warmup_epochs": 0.5, "student_init": "none",
+                    "student_frozen_stages": 1, "arch": str(write_arch(tmp_path / "arch.py")), "device": "cpu",
+                    "view_kind": "mixed", "views": 4}}))
+    work = tmp_path / "work"
+    pipeline.main(["--data", str(data), "--recipe", str(recipe), "--teachers-root", str(tmp_path / "teachers"),
+                   "--heldout-fold", "0", "--scratch-control", "--no-report", "--work-dir", str(work),
+                   "--out", str(tmp_path / "model.pth")])
+    student = json.loads((tmp_path / "model.provenance.json").read_text())
+    control = json.loads((work / "scratch" / "model.provenance.json").read_text())
+    assert student["recipe"] == "mixed kd" and control["recipe"] == "scratch"
+    for prov in (student, control):
+        assert (prov["config"]["view_kind"], prov["config"]["views"], prov["config"]["view_seed"]) == ("mixed", 4, 0)
+    assert student["ensemble"]["val_seen_by_teachers"] == 0 and student["ensemble"]["views"] == 4
+    assert (work / "heldout_pairs.csv").read_text().splitlines()[0] == "fold,seed,distilled,hard_label"
