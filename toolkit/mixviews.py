@@ -294,6 +294,7 @@ def mixed_view_targets(ensemble, data, params: torch.Tensor, folds: torch.Tensor
     images = data.rgb if target_input == "rgb" else data.grey
     n_train = len(train_idx)
     mask = oof_teacher_mask(teachers, folds, labels) if oof else torch.ones(len(teachers), len(data), dtype=torch.bool)
+    seen = val_seen_by_teachers(teachers, folds, labels, val_idx)  # warned now, not after an hour of labelling
     member = torch.zeros(len(teachers), n_train, params.shape[1], len(ensemble.classes))     # (M, R, K, C)
     val_member = torch.zeros(len(teachers), len(val_idx), 1, len(ensemble.classes))
     plain = identity_views(len(data), 1)
@@ -321,8 +322,7 @@ def mixed_view_targets(ensemble, data, params: torch.Tensor, folds: torch.Tensor
     metrics = {"target_input": target_input, "views": int(params.shape[1]),
                "target_train_acc": round(float((targets[:, 0].argmax(-1) == labels[train_idx]).float().mean()), 4),
                "target_entropy": round(float(-(targets * targets.clamp(min=1e-30).log()).sum(-1).mean()), 4),
-               "val_seen_by_teachers": val_seen_by_teachers(teachers, folds, labels, val_idx),
-               "target_seconds": round(time.time() - t0, 1)}
+               "val_seen_by_teachers": seen, "target_seconds": round(time.time() - t0, 1)}
     if len(val_idx):
         val_probs = combine_view_targets(val_member, ensemble.weights, None, ensemble.combine)[:, 0]
         metrics["ensemble_val_acc"] = round(float((val_probs.argmax(-1) == labels[val_idx]).float().mean()), 4)
