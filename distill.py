@@ -34,13 +34,12 @@ from toolkit.ensemble import ensemble_on_val, load_ensemble, view_soft_targets
 from toolkit.io import atomic_save, atomic_write_json, ensure_writable_dir
 from toolkit.locks import hold_locks
 from toolkit.losses import dist_loss, kd_loss, label_smoothing_ce, soft_cross_entropy
-from toolkit.mixviews import (mixed_hard_targets, mixed_view_targets, render_views, sample_mixed_views,
-                              student_mixed_features)
+from toolkit.mixviews import mixed_hard_targets, mixed_view_targets, render_views, sample_mixed_views
 from toolkit.recipe import with_recipe_defaults
 from toolkit.splits import ClassBalancedSampler, check_split, fold_split
 from toolkit.student import (ContractError, StudentInput, check_state_dict_matches, exec_architecture,
                              init_student_weights, student_trunk_features)
-from toolkit.trunk import TrunkSplit
+from toolkit.trunk import TrunkSplit, compute_trunk_features
 
 
 # The schedule, optimiser, sampling, split and device fields come from TrainingRun (toolkit.config);
@@ -164,8 +163,9 @@ def distil(cfg: DistillConfig, env, device) -> dict:
     net, features = student, None
     if cfg.view_kind == "mixed" and cfg.student_frozen_stages > 0:
         net = TrunkSplit(student, cfg.student_frozen_stages)
-        features = student_mixed_features(net, StudentInput(student).prepare, data.grey, view_params, train_idx,
-                                          device)                                      # (R, K, C', h, w)
+        features = compute_trunk_features(StudentInput(student), net, data.grey, view_params, device=device,
+                                          desc="student features of mixed views", rows=train_idx,
+                                          render=render_views)                         # (R, K, C', h, w)
         net.takes_features = True
     elif cfg.student_frozen_stages > 0 and (cfg.scratch or cfg.mode == "cached"):
         net, features = student_trunk_features(student, cfg.student_frozen_stages, data.grey, view_params,

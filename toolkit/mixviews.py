@@ -25,6 +25,8 @@ lam * onehot(y_i) + (1 - lam) * onehot(y_partner), lam the share of image i
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
@@ -173,16 +175,6 @@ def render_views(images_u8: torch.Tensor, idx: torch.Tensor, params: torch.Tenso
 # ----------------------------------------------------------------------------------------
 # The teachers' labels and the student's frozen-stage features of mixed views
 # ----------------------------------------------------------------------------------------
-def _file_digest(path) -> str:
-    import hashlib
-    from pathlib import Path
-    h = hashlib.sha1()
-    with open(Path(path), "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _rows_digest(*tensors: torch.Tensor, text: str = "") -> str:
     import hashlib
     h = hashlib.sha1(text.encode())
@@ -202,12 +194,13 @@ def teacher_mixed_logits(teacher, images_u8: torch.Tensor, params: torch.Tensor,
     ('view-labels-<key>': the teacher's weights file, that column's views, the rows, the input and
     the data), so each view of each teacher is labelled once, whichever set of views a run asks for."""
     from tqdm import tqdm
+    from .files import sha256_file
     from .io import atomic_save
     from .trunk import trunk_cache_path
     if target_input not in ("rgb", "grey"):
         raise ValueError(f"target_input must be rgb or grey, got {target_input!r}")
     folder = getattr(teacher, "folder", None)
-    weights_id = _file_digest(f"{folder}/teacher.pth") if folder else _rows_digest(
+    weights_id = sha256_file(Path(folder) / "teacher.pth") if folder else _rows_digest(
         *[p.detach().float() for p in teacher.state_dict().values()])
     rows = rows.long()
     teacher.eval()
@@ -234,26 +227,6 @@ def teacher_mixed_logits(teacher, images_u8: torch.Tensor, params: torch.Tensor,
             except OSError:
                 pass  # a cache only saves time
     return torch.stack(columns, 1)
-
-
-@torch.no_grad()
-def student_mixed_features(split, prepare, grey_u8: torch.Tensor, params: torch.Tensor, rows: torch.Tensor,
-                           device="cpu", batch_size: int = 128) -> torch.Tensor:
-    """(len(rows), K, C', h, w) float16 features of the student's frozen stages (``split``, a
-    TrunkSplit; ``prepare``: uint8 grey -> its input) on the grey views ``params[rows]``."""
-    from tqdm import tqdm
-    k = params.shape[1]
-    flat = torch.stack(torch.meshgrid(rows.long(), torch.arange(k), indexing="ij"), -1).view(-1, 2)
-    out = None
-    split.eval()
-    for start in tqdm(range(0, len(flat), batch_size), desc="student features of mixed views", unit="batch",
-                      leave=False):
-        i, j = flat[start:start + batch_size, 0], flat[start:start + batch_size, 1]
-        feats = split.trunk(prepare(render_views(grey_u8, i, params[i, j]).to(device))).half().cpu()
-        if out is None:
-            out = torch.empty((len(flat), *feats.shape[1:]), dtype=torch.float16)
-        out[start:start + len(feats)] = feats
-    return out.view(len(rows), k, *out.shape[1:])
 
 
 def stored_anchor_columns(teachers, params: torch.Tensor, fingerprint: str) -> list[int]:

@@ -105,27 +105,34 @@ def teacher_trunk_key(config: dict, fingerprint: str) -> str:
     return hashlib.sha1(repr(fields).encode()).hexdigest()[:16]
 
 
+def _shift_views(images_u8: torch.Tensor, image_idx: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    return apply_views(images_u8[image_idx], params.long())
+
+
 @torch.no_grad()
 def compute_trunk_features(teacher, split: TrunkSplit, images_u8: torch.Tensor,
                            view_params: torch.Tensor, batch_size: int = 128,
-                           device: str | torch.device = "cpu", desc: str = "trunk features") -> torch.Tensor:
-    """Frozen-trunk features of K views of every image.
+                           device: str | torch.device = "cpu", desc: str = "trunk features",
+                           rows: torch.Tensor | None = None, render=_shift_views) -> torch.Tensor:
+    """Frozen-trunk features of K views of every image (or of the images ``rows``).
 
     ``teacher.prepare`` turns a uint8 view into the backbone's input; images_u8: (N, c, 100, 100)
-    uint8; view_params: (N, K, 3) int [flip, dx, dy]
-    -> (N, K, C', h, w) float16 (halves memory; the trunk is frozen so these never change).
+    uint8; view_params: (N, K, P), by default P = 3 int [flip, dx, dy]; ``render(images_u8,
+    image_idx, params)`` makes the uint8 views (mixviews.render_views for mixed views)
+    -> (len(rows), K, C', h, w) float16 (halves memory; the trunk is frozen so these never change).
     """
-    n, k = view_params.shape[:2]
+    rows = torch.arange(view_params.shape[0]) if rows is None else rows.long()
+    k = view_params.shape[1]
     split.eval()
     out = None
-    flat = [(i, j) for i in range(n) for j in range(k)]
-    for start in tqdm(range(0, n * k, batch_size), desc=desc, unit="batch", leave=False):
-        idx = torch.tensor(flat[start:start + batch_size])
-        views = apply_views(images_u8[idx[:, 0]], view_params[idx[:, 0], idx[:, 1]].long())
+    flat = torch.stack(torch.meshgrid(torch.arange(len(rows)), torch.arange(k), indexing="ij"), -1).view(-1, 2)
+    for start in tqdm(range(0, len(flat), batch_size), desc=desc, unit="batch", leave=False):
+        pos, j = flat[start:start + batch_size, 0], flat[start:start + batch_size, 1]
+        views = render(images_u8, rows[pos], view_params[rows[pos], j])
         feats = split.trunk(teacher.prepare(views.to(device))).half().cpu()
         if out is None:
-            out = torch.empty((n, k, *feats.shape[1:]), dtype=torch.float16)
-        out[idx[:, 0], idx[:, 1]] = feats
+            out = torch.empty((len(rows), k, *feats.shape[1:]), dtype=torch.float16)
+        out[pos, j] = feats
     return out
 
 
