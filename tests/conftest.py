@@ -70,6 +70,14 @@ def cache_dir(tmp_path, monkeypatch):
     return path
 
 
+@pytest.fixture
+def shared_cache(world, monkeypatch):
+    """The cache (data + trunk features) of the requesting module's ``world`` fixture instead of
+    the per-test fresh one (test_distill, test_reliability, test_mixviews)."""
+    monkeypatch.setenv("TOOLKIT_CACHE", str(world.cache))
+    return world.cache
+
+
 @pytest.fixture(autouse=True)
 def _never_touch_home_cache(tmp_path_factory, monkeypatch):
     """No test may write to ~/.cache: default TOOLKIT_CACHE to a throw-away folder."""

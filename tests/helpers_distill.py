@@ -195,47 +195,35 @@ def pause():
     while not go.exists():
         time.sleep(0.05)
 
+def pause_in(owner, name, when=lambda *a, **k: True):
+    """Replace owner.name by a wrapper that pauses first whenever when(*args) holds."""
+    real = getattr(owner, name)
+    def hooked(*a, **k):
+        if when(*a, **k):
+            pause()
+        return real(*a, **k)
+    setattr(owner, name, hooked)
+
+def nth(key, n):
+    counts[key] = counts.get(key, 0) + 1
+    return counts[key] == n
+
 if point[0] == "decode":
     import toolkit.data as D
-    real_decode = D.decode_folder
-    def decode_folder(*a, **k):
-        pause()
-        return real_decode(*a, **k)
-    D.decode_folder = decode_folder
+    pause_in(D, "decode_folder")
 elif point[0] == "replace":
-    real_replace = os.replace
-    def replace(src, dst, *a, **k):
-        if fnmatch.fnmatch(Path(dst).name, point[1]):
-            counts["r"] = counts.get("r", 0) + 1
-            if counts["r"] == int(point[2]):
-                pause()
-        return real_replace(src, dst, *a, **k)
-    os.replace = replace
+    pause_in(os, "replace", lambda src, dst, *a, **k: fnmatch.fnmatch(Path(dst).name, point[1])
+             and nth("r", int(point[2])))
 elif point[0] == "step":
     import toolkit.engine as E
-    real_step = E.Trainer.train_step
     desc, step = (point[1], int(point[2])) if len(point) == 3 else ("", int(point[1]))
-    def train_step(self, *a, **k):
-        if self.desc.startswith(desc) and self.global_step == step:
-            pause()
-        return real_step(self, *a, **k)
-    E.Trainer.train_step = train_step
+    pause_in(E.Trainer, "train_step", lambda self, *a, **k: self.desc.startswith(desc) and self.global_step == step)
 elif point[0] == "targets":
     import toolkit.ensemble as T
-    real_tvl = T.teacher_view_logits
-    def teacher_view_logits(*a, **k):
-        counts["t"] = counts.get("t", 0) + 1
-        if counts["t"] == int(point[1]):
-            pause()
-        return real_tvl(*a, **k)
-    T.teacher_view_logits = teacher_view_logits
+    pause_in(T, "teacher_view_logits", lambda *a, **k: nth("t", int(point[1])))
 elif point[0] == "report":
     import toolkit.evaluate as V
-    real_main = V.main
-    def main(*a, **k):
-        pause()
-        return real_main(*a, **k)
-    V.main = main
+    pause_in(V, "main")
 else:
     raise SystemExit(f"unknown kill point {point}")
 sys.argv = [os.path.join(root, script), *sys.argv[5:]]

@@ -45,13 +45,6 @@ def world(tmp_path_factory):
         yield world
 
 
-@pytest.fixture
-def shared_cache(world, monkeypatch):
-    """Use the module's cache (data + trunk features) instead of conftest's fresh one."""
-    monkeypatch.setenv("TOOLKIT_CACHE", str(world.cache))
-    return world.cache
-
-
 def check_outputs(world, out, n_teachers, recipe):
     """model.pth = bare state_dict loading strictly into the student; provenance complete."""
     state = read_state(out)

@@ -125,12 +125,6 @@ def world(tmp_path_factory):
         yield world
 
 
-@pytest.fixture
-def shared_cache(world, monkeypatch):
-    monkeypatch.setenv("TOOLKIT_CACHE", str(world.cache))
-    return world.cache
-
-
 @pytest.mark.parametrize("target_input", ["rgb", "grey"])
 def test_stored_targets_are_the_ensemble_on_exactly_the_rendered_view(world, shared_cache, target_input):
     data = load_course_folder(world.data, progress=False)

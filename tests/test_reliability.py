@@ -32,12 +32,6 @@ def world(tmp_path_factory):
         yield world
 
 
-@pytest.fixture
-def shared_cache(world, monkeypatch):
-    monkeypatch.setenv("TOOLKIT_CACHE", str(world.cache))
-    return world.cache
-
-
 def same_state(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
