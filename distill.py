@@ -139,17 +139,18 @@ def distil(cfg: DistillConfig, env, device) -> dict:
                                    rank=env.rank, world_size=env.world_size)
 
     # --- soft targets: (N, K, C) ensemble probabilities on K views (cached mode) ----------
-    view_params = sample_view_params(len(data), cfg.views, cfg.max_shift, cfg.view_seed)
-    targets, ens_metrics, teacher_records = None, {}, []
     if cfg.view_kind == "mixed":  # parameters stored, pixels rendered again when needed
         view_params = sample_mixed_views(len(data), cfg.views, train_idx, cfg.view_seed, 2, cfg.min_crop,
                                          cfg.cutmix_prob)                                      # (N, K, 15)
-        if ensemble is not None:
-            targets, ens_metrics, teacher_records = mixed_view_targets(
-                ensemble, data, view_params, folds, train_idx, val_idx, cfg.oof, cfg.target_input, device,
-                verbose=env.is_main)
-            if env.is_main:
-                print(f"mixed-view targets {tuple(targets.shape)}: {ens_metrics}", flush=True)
+    else:
+        view_params = sample_view_params(len(data), cfg.views, cfg.max_shift, cfg.view_seed)  # (N, K, 3)
+    targets, ens_metrics, teacher_records = None, {}, []
+    if ensemble is not None and cfg.view_kind == "mixed":
+        targets, ens_metrics, teacher_records = mixed_view_targets(
+            ensemble, data, view_params, folds, train_idx, val_idx, cfg.oof, cfg.target_input, device,
+            verbose=env.is_main)
+        if env.is_main:
+            print(f"mixed-view targets {tuple(targets.shape)}: {ens_metrics}", flush=True)
     elif ensemble is not None and cfg.mode == "cached":
         targets, ens_metrics, teacher_records = view_soft_targets(
             ensemble, data, view_params, folds, train_idx, val_idx, cfg.oof, cfg.calibrate, device,
