@@ -42,7 +42,8 @@ class PipelineConfig:
                        path="in_dir")
     recipe: str = option("", "recipe file (YAML): what differs from the default recipe (toolkit/recipe.py)",
                          check=check_recipe_path)
-    teachers_root: str = option("teachers", "where the fold teachers <name>_f<fold> are written (and reused from)",
+    teachers_root: str = option("teachers", "where the recipe's teachers <name>_f<fold> (or <name>_all) are written "
+                                "(and reused from)",
                                 path="out_dir")
     seed: int = option(0, "seed of the split, teachers, student and views", min=0)
     out: str = option("model.pth", "the student's state_dict (replaced only by a finished run)", path="out_file")
@@ -56,7 +57,7 @@ class PipelineConfig:
     student_seeds: list[int] = option([], "more seeds of the student (and its control) on the same teachers and "
                                       "split, into work_dir/seed<S>; with --heldout-fold and --scratch-control the "
                                       "run ends with the paired table (work_dir/heldout_pairs.csv)", min=0)
-    reuse_teachers: bool = option(True, "keep fold teachers that already exist under teachers_root")
+    reuse_teachers: bool = option(True, "keep the recipe's teachers that already exist under teachers_root")
     report: bool = option(True, "write the evaluation report at the end")
 
     def check(self):
@@ -73,11 +74,24 @@ class PipelineConfig:
 
 
 def teacher_argv(cfg: PipelineConfig, name: str, fold: int) -> list[str]:
-    """All the pipeline tells train_teacher.py: paths, the recipe and its member, the fold, the seed."""
+    """All the pipeline tells train_teacher.py: paths, the recipe and its member, the fold (-1: every
+    image), the seed."""
     nested = ["--exclude-folds", str(cfg.heldout_fold)] if cfg.heldout_fold >= 0 else []
     return ["--data", cfg.data, *(["--recipe", cfg.recipe] if cfg.recipe else []), "--member", name,
-            "--fold", str(fold), "--seed", str(cfg.seed), "--out", str(Path(cfg.teachers_root) / f"{name}_f{fold}"),
-            *nested]
+            "--fold", str(fold), "--seed", str(cfg.seed), "--out", str(teacher_folder(cfg, name, fold)), *nested]
+
+
+def teacher_folder(cfg: PipelineConfig, name: str, fold: int) -> Path:
+    """teachers_root/<name>_f<fold>, or <name>_all for the teacher of every image (fold -1)."""
+    return Path(cfg.teachers_root) / (f"{name}_f{fold}" if fold >= 0 else f"{name}_all")
+
+
+def recipe_teachers(cfg: PipelineConfig) -> list[Path]:
+    """The teacher folders of this run's recipe, in its order: the student's ensemble is these,
+    not whatever else lies under teachers_root (another recipe's teachers are never mixed in)."""
+    recipe = load_recipe(cfg.recipe)
+    return [teacher_folder(cfg, name, fold) for name, _ in recipe.members()
+            for fold in recipe.teacher_folds(cfg.heldout_fold)]
 
 
 def student_argv(cfg: PipelineConfig, work: Path, scratch: bool = False, seed: int | None = None) -> list[str]:
@@ -89,7 +103,7 @@ def student_argv(cfg: PipelineConfig, work: Path, scratch: bool = False, seed: i
         work = work / f"seed{seed}"
     out = work / "scratch" / "model.pth" if scratch else Path(cfg.out) if seed == cfg.seed else work / "model.pth"
     return ["--data", cfg.data, *(["--recipe", cfg.recipe] if cfg.recipe else []),
-            "--teachers-root", cfg.teachers_root, "--val-fold", str(cfg.heldout_fold), "--seed", str(seed),
+            "--teachers", *map(str, recipe_teachers(cfg)), "--val-fold", str(cfg.heldout_fold), "--seed", str(seed),
             *(["--split-seed", str(cfg.seed)] if seed != cfg.seed else []),
             "--view-seed", str(cfg.seed), "--out", str(out),
             "--work-dir", str(work / ("scratch" if scratch else "distill")), *(["--scratch"] if scratch else [])]
@@ -118,18 +132,19 @@ def run(cfg: PipelineConfig, work: Path) -> dict:
 
     data = stage("decode data", "decoded or read from the cache", lambda: load_course_folder(cfg.data))
     for name, _ in recipe.members():
-        for fold in (f for f in range(recipe.folds) if f != cfg.heldout_fold):
+        for fold in recipe.teacher_folds(cfg.heldout_fold):
             argv = teacher_argv(cfg, name, fold)
             folder = Path(argv[argv.index("--out") + 1])
             status = teacher_status(cfg, folder, argv, data.fingerprint)
             if status.startswith("reused"):
-                print(f"=== teacher {name} fold {fold}: {status}", flush=True)
-                statuses[f"teacher {name} fold {fold}"] = status
+                stage_name = f"teacher {name} fold {fold}" if fold >= 0 else f"teacher {name} all images"
+                print(f"=== {stage_name}: {status}", flush=True)
+                statuses[stage_name] = status
                 continue
-            stage(f"teacher {name} fold {fold}", status,
+            stage(f"teacher {name} fold {fold}" if fold >= 0 else f"teacher {name} all images", status,
                   lambda: train_teacher.main(argv + (["--resume"] if status.startswith("resumed") else [])))
 
-    teachers_sha = teachers_digest(cfg.teachers_root)
+    teachers_sha = teachers_digest(recipe_teachers(cfg))
     record_path = work / "stages.json"
     seeds = [cfg.seed] + [s for s in dict.fromkeys(cfg.student_seeds) if s != cfg.seed]
     pairs = []  # (seed, distilled student's out, control's out)
@@ -156,11 +171,10 @@ def run(cfg: PipelineConfig, work: Path) -> dict:
     if cfg.report:
         from toolkit import evaluate
         from toolkit.estimates import find_heldout
-        from toolkit.teachers import find_teacher_folders
         # The report leads with the fold teachers' and the ensemble's out-of-fold accuracies and
         # any nested held-out student estimate found under runs/; the shipped student trained on
         # every image, so its own scores there are in-sample.
-        teacher_dirs = [str(p) for p in find_teacher_folders(cfg.teachers_root)]
+        teacher_dirs = [str(p) for p in recipe_teachers(cfg)]
         heldout = [str(p) for p in find_heldout("runs")]
         arch = parse_config(distill.DistillConfig, student_argv(cfg, work)).arch  # the recipe's student
         stage("evaluation report", "written anew (a few minutes; not resumable)", lambda: evaluate.main([
@@ -279,11 +293,10 @@ def file_digest(path: Path) -> str | None:
     return hashlib.sha1(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
-def teachers_digest(root: str) -> str:
-    """One hash of every teacher.pth under ``root``: the student's soft targets depend on them."""
-    from toolkit.teachers import find_teacher_folders
+def teachers_digest(folders: list[Path]) -> str:
+    """One hash of the recipe's teacher.pth files: the student's soft targets depend on them."""
     h = hashlib.sha1()
-    for folder in find_teacher_folders(root):
+    for folder in folders:
         h.update(f"{folder.name}:{file_digest(folder / TEACHER_FILE)}".encode())
     return h.hexdigest()
 

@@ -189,6 +189,7 @@ PIPELINE_FLAGS = [
     ({"student": {"epochs": 2.5}}, "recipe.yaml: student.epochs: expected an integer, got a float 2.5"),
     ({"teachres": ["x@1"]}, "recipe.yaml: unknown keys ['teachres']"),
     ({"teachers": []}, "recipe.yaml: teachers: expected a non-empty list"),
+    ({"teacher_split": "every"}, "recipe.yaml: teacher_split: expected one of folds, all, got 'every'"),
 ]
 
 

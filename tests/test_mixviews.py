@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -214,26 +215,31 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_pipeline_with_a_mixed_recipe_pairs_student_and_control_on_the_same_views(tmp_path, monkeypatch, one_thread):
-    """The whole pipeline on tiny data, real scripts: fold teachers with frozen trunks, then the
-    student and its hard-label control on the recipe's mixed views, held-out fold 0 of 3."""
+@pytest.mark.parametrize("teacher_split", ["folds", "all"])
+def test_pipeline_with_a_mixed_recipe_pairs_student_and_control_on_the_same_views(tmp_path, monkeypatch, one_thread,
+                                                                                  teacher_split):
+    """The whole pipeline on tiny data, real scripts: teachers with frozen trunks (fold teachers, or
+    one per recipe on every image but the held-out fold), then the student and its hard-label
+    control on the recipe's mixed views, held-out fold 0 of 3, and the report."""
     import pipeline
     import yaml
     from helpers_distill import make_course_folder, write_arch
     monkeypatch.setenv("TOOLKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)  # the report looks for nested estimates under ./runs
     data = make_course_folder(tmp_path / "data", counts={"book": 9, "car": 9, "cat": 9})
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({
-        "folds": 3, "views": 2, "teachers": ["test_efficientnet@32"],
+        "folds": 3, "views": 2, "teachers": ["test_efficientnet@32"], "teacher_split": teacher_split,
         "teacher": {"pretrained": "none", "epochs": 1, "batch_size": 8, "frozen_stages": 2, "warmup_epochs": 0.5,
                     "device": "cpu", "trivial_augment": False},
         "student": {"epochs": 1, "batch_size": 8, "lr": 0.3, "warmup_epochs": 0.5, "student_init": "none",
                     "student_frozen_stages": 1, "arch": str(write_arch(tmp_path / "arch.py")), "device": "cpu",
                     "view_kind": "mixed", "views": 4}}))
-    work = tmp_path / "work"
+    work, report = tmp_path / "work", tmp_path / "report"
     pipeline.main(["--data", str(data), "--recipe", str(recipe), "--teachers-root", str(tmp_path / "teachers"),
-                   "--heldout-fold", "0", "--scratch-control", "--no-report", "--work-dir", str(work),
-                   "--out", str(tmp_path / "model.pth")])
+                   "--heldout-fold", "0", "--scratch-control", "--work-dir", str(work),
+                   "--out", str(tmp_path / "model.pth"), "--report-dir", str(report),
+                   *(["--no-report"] if teacher_split == "folds" else [])])
     student = json.loads((tmp_path / "model.provenance.json").read_text())
     control = json.loads((work / "scratch" / "model.provenance.json").read_text())
     assert student["recipe"] == "mixed kd" and control["recipe"] == "scratch"
@@ -241,3 +247,11 @@ def test_pipeline_with_a_mixed_recipe_pairs_student_and_control_on_the_same_view
         assert (prov["config"]["view_kind"], prov["config"]["views"], prov["config"]["view_seed"]) == ("mixed", 4, 0)
     assert student["ensemble"]["val_seen_by_teachers"] == 0 and student["ensemble"]["views"] == 4
     assert (work / "heldout_pairs.csv").read_text().splitlines()[0] == "fold,seed,distilled,hard_label"
+    folders = sorted(t["folder"] for t in student["teachers"])
+    if teacher_split == "folds":
+        assert [Path(f).name for f in folders] == ["test_efficientnet_32px_f1", "test_efficientnet_32px_f2"]
+    else:  # one teacher, in-sample on every training image, never on the held-out fold
+        assert [Path(f).name for f in folders] == ["test_efficientnet_32px_all"]
+        saved = yaml.safe_load((Path(folders[0]) / "config.yaml").read_text())
+        assert (saved["fold"], saved["exclude_folds"]) == (-1, [0])
+        assert (report / "report.md").is_file()

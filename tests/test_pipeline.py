@@ -21,7 +21,7 @@ from toolkit.recipe import DEFAULT_RECIPE, RecipeError, load_recipe, parse_membe
 ROOT = Path(__file__).resolve().parents[1]
 # what the pipeline may tell the scripts: where things are, which fold and member, which seed
 PATH_AND_FOLD_FLAGS = {"--data", "--recipe", "--member", "--fold", "--exclude-folds", "--seed", "--out", "--resume",
-                       "--teachers-root", "--val-fold", "--view-seed", "--work-dir", "--scratch"}
+                       "--teachers", "--val-fold", "--view-seed", "--work-dir", "--scratch"}
 
 
 def flags_of(argv: list[str]) -> set[str]:
@@ -160,6 +160,36 @@ def test_heldout_fold_is_never_trained_on_by_teachers_or_student(tmp_path, monke
     assert keep == [a for i, a in enumerate(control[:-1]) if a not in strip and (i == 0 or control[i - 1] not in strip)]
     with pytest.raises(ConfigError, match="--heldout-fold: fold 3 does not exist"):
         pipeline.main(["--data", course, "--heldout-fold", "3"])
+
+
+@pytest.mark.parametrize("heldout", [-1, 1])
+def test_teacher_split_all_trains_one_teacher_per_recipe_and_distils_from_exactly_those(
+        tmp_path, monkeypatch, make_course, heldout):
+    """teacher_split: all -> one teacher <name>_all per recipe on every image (--fold -1), minus
+    the held-out fold of a nested estimate; the student's ensemble is exactly the recipe's
+    teachers, never another recipe's teacher left under the same root."""
+    calls, course = stub_scripts(monkeypatch), str(make_course())
+    recipe = tmp_path / "all.yaml"
+    recipe.write_text(yaml.safe_dump({"teacher_split": "all"}))
+    root = tmp_path / "teachers"
+    stale = root / "lite0_224px_f0"  # a fold teacher of the default recipe, from an earlier run
+    stale.mkdir(parents=True)
+    (stale / "teacher.pth").write_bytes(b"x")
+    pipeline.main(["--data", course, "--recipe", str(recipe), "--teachers-root", str(root), "--no-report",
+                   "--heldout-fold", str(heldout), "--work-dir", str(tmp_path / "work"),
+                   "--out", str(tmp_path / "model.pth")])
+    teachers = [argv for kind, argv in calls if kind == "teacher"]
+    expected = [str(root / "lite0_224px_all"), str(root / "lite2_224px_all")]
+    assert [argv[argv.index("--out") + 1] for argv in teachers] == expected
+    assert all(argv[argv.index("--fold") + 1] == "-1" for argv in teachers)
+    for argv in teachers:
+        assert (argv[argv.index("--exclude-folds") + 1] if "--exclude-folds" in argv else None) == \
+            (str(heldout) if heldout >= 0 else None)
+    (student,) = [argv for kind, argv in calls if kind == "distill"]
+    i = student.index("--teachers")
+    assert student[i + 1:i + 3] == expected and student[i + 3].startswith("--")
+    assert load_recipe(recipe).teacher_folds(heldout) == [-1]
+    assert load_recipe().teacher_folds(heldout) == [f for f in range(3) if f != heldout]
 
 
 def test_heldout_recipe_is_the_default_with_five_folds():

@@ -13,9 +13,14 @@ alternative: it lists only what differs from ``DEFAULT_RECIPE``, in its sections
       - efficientnet_lite2@260:epochs=8
     teacher: {pretrained: offline, epochs: 6}   # train_teacher.py fields, as in its config.yaml
     student: {epochs: 10}                       # distill.py fields, as in its config.yaml
+    teacher_split: folds          # folds: k fold teachers per recipe; all: one on every image
 
-Each teacher recipe is trained as ``folds`` fold teachers ``<name>_f<fold>`` (name:
-``lite2_260px`` for ``efficientnet_lite2@260``); the ensemble is all of them.
+With ``teacher_split: folds`` each teacher recipe is trained as ``folds`` fold teachers
+``<name>_f<fold>`` (name: ``lite2_260px`` for ``efficientnet_lite2@260``), each labelling the fold
+it never saw (out-of-fold targets). With ``teacher_split: all`` it is one teacher ``<name>_all``
+trained on every image the run may use (all but a nested estimate's held-out fold), whose
+targets on the student's images are in-sample (one head per recipe to train instead of k).
+The ensemble is all of the recipe's teachers.
 """
 from __future__ import annotations
 
@@ -45,8 +50,10 @@ DEFAULT_RECIPE = {
     "teacher": {"pretrained": "offline", "epochs": 6, "batch_size": 64, "warmup_epochs": 0.5, "ema_decay": 0.998,
                 "frozen_stages": 5, "input_mode": "rgb"},
     "student": {"epochs": 10, "val_fold": -1},
+    "teacher_split": "folds",
 }
-SECTIONS = ("folds", "views", "teachers", "teacher", "student")
+SECTIONS = ("folds", "views", "teachers", "teacher", "student", "teacher_split")
+TEACHER_SPLITS = ("folds", "all")
 SHARED = ("folds", "views")  # top-level keys that go to both scripts
 
 
@@ -62,6 +69,7 @@ class Recipe:
     teachers: list[str]
     teacher: dict = field(default_factory=dict)
     student: dict = field(default_factory=dict)
+    teacher_split: str = "folds"
     source: str = "the default recipe"
 
     def members(self) -> list[tuple[str, dict]]:
@@ -78,6 +86,13 @@ class Recipe:
                 return flags
         raise RecipeError(f"--member: {name!r} is not a teacher of {self.source} "
                           f"(its teachers: {', '.join(n for n, _ in members)})")
+
+    def teacher_folds(self, heldout_fold: int = -1) -> list[int]:
+        """The ``--fold`` of each teacher of one recipe: every fold but the held-out one
+        (``teacher_split: folds``), or [-1], one teacher on every image (``all``)."""
+        if self.teacher_split == "all":
+            return [-1]
+        return [f for f in range(self.folds) if f != heldout_fold]
 
     def section(self, which: str) -> dict:
         """Field defaults for one script ('teacher' or 'student'): its section + the shared keys."""
@@ -138,6 +153,9 @@ def load_recipe(path: str | Path | None = None) -> Recipe:
         for key in SHARED:
             if key in raw and (isinstance(raw[key], bool) or not isinstance(raw[key], int)):
                 raise RecipeError(f"{p}: {key}: expected an integer, got {raw[key]!r}")
+        if "teacher_split" in raw and raw["teacher_split"] not in TEACHER_SPLITS:
+            raise RecipeError(f"{p}: teacher_split: expected one of {', '.join(TEACHER_SPLITS)}, "
+                              f"got {raw['teacher_split']!r}")
         values.update(raw)
         source = str(p)
     recipe = Recipe(**values, source=source)
