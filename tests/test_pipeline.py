@@ -192,6 +192,20 @@ def test_teacher_split_all_trains_one_teacher_per_recipe_and_distils_from_exactl
     assert load_recipe().teacher_folds(heldout) == [f for f in range(3) if f != heldout]
 
 
+def test_patient_recipe_is_in_sample_teachers_and_twenty_epochs_on_mixed_views(tmp_path):
+    """recipes/patient.yaml (issue 21's nested pairs): one teacher per recipe, the student and its
+    control on 2 + 4 mixed views for 20 epochs; both scripts accept it (PipelineConfig.check)."""
+    path = ROOT / "recipes" / "patient.yaml"
+    recipe = load_recipe(path)
+    assert recipe.teacher_split == "all" and recipe.teacher_folds(0) == [-1]
+    cfg = parse_config(pipeline.PipelineConfig, ["--recipe", str(path), "--heldout-fold", "0", "--scratch-control",
+                                                 "--teachers-root", str(tmp_path / "t")])
+    for scratch in (False, True):
+        student = parse_config(distill.DistillConfig, pipeline.student_argv(cfg, tmp_path / "w", scratch))
+        assert (student.view_kind, student.views, student.epochs, student.scratch) == ("mixed", 6, 20, scratch)
+        assert student.teachers == [str(tmp_path / "t" / "lite0_224px_all"), str(tmp_path / "t" / "lite2_224px_all")]
+
+
 def test_heldout_recipe_is_the_default_with_five_folds():
     nested = load_recipe(ROOT / "recipes" / "heldout.yaml")
     assert nested.folds == 5 and nested.as_yaml_dict() == {**load_recipe().as_yaml_dict(), "folds": 5}
