@@ -254,30 +254,10 @@ def paired_table(fold: int, pairs: list[tuple[int, Path, Path]], csv_path: Path)
     """The nested estimate's paired comparison: per seed, the distilled student's and its
     hard-label control's accuracy on the held-out fold (percent), printed with the mean gap and
     its standard error, and written to ``csv_path`` (fold,seed,distilled,hard_label)."""
-    import csv
-    import io
-    import math
-    import statistics
-
-    from toolkit.estimates import read_heldout
-    rows = []
-    for seed, distilled, control in pairs:
-        accs = [read_heldout(p.with_suffix(".provenance.json"))["accuracy"] for p in (distilled, control)]
-        rows.append({"fold": fold, "seed": seed, "distilled": round(100 * accs[0], 2),
-                     "hard_label": round(100 * accs[1], 2)})
-    gaps = [r["distilled"] - r["hard_label"] for r in rows]
-    se = statistics.stdev(gaps) / math.sqrt(len(gaps)) if len(gaps) > 1 else float("nan")
-    print(f"\nheld-out fold {fold}: distilled vs hard-label control, paired by seed")
-    print(f"{'seed':>6} {'distilled':>10} {'hard_label':>11} {'gap':>7}")
-    for r, gap in zip(rows, gaps):
-        print(f"{r['seed']:>6} {r['distilled']:>9.2f}% {r['hard_label']:>10.2f}% {gap:>+7.2f}")
-    print(f"mean gap {statistics.mean(gaps):+.2f} points (standard error {se:.2f}) over {len(gaps)} pair(s), "
-          f"positive in {sum(g > 0 for g in gaps)}")
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=["fold", "seed", "distilled", "hard_label"], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(text.getvalue(), csv_path)
+    from toolkit.estimates import format_pairs, read_pair, write_pairs_csv
+    rows = [read_pair(*(p.with_suffix(".provenance.json") for p in (distilled, control))) for _, distilled, control in pairs]
+    print("\n" + format_pairs(rows, f"held-out fold {fold}: distilled vs hard-label control, paired by seed"))
+    write_pairs_csv(rows, csv_path)
     return rows
 
 

@@ -245,7 +245,8 @@ def test_student_seeds_give_the_paired_heldout_table(tmp_path, monkeypatch, make
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(b"student")
         out.with_suffix(".provenance.json").write_text(json.dumps(
-            {"val_fold": 1, "student_val": {"val_acc": accuracy[seed, scratch]}, "config": {"seed": seed}}))
+            {"val_fold": 1, "student_val": {"val_acc": accuracy[seed, scratch]},
+             "config": {"seed": seed, "split_seed": 0, "folds": 3, "scratch": scratch}}))
         return {}
     monkeypatch.setattr(pipeline.train_teacher, "main", lambda argv: {})
     monkeypatch.setattr(pipeline.distill, "main", fake_distill)
@@ -262,4 +263,57 @@ def test_student_seeds_give_the_paired_heldout_table(tmp_path, monkeypatch, make
     rows = (work / "heldout_pairs.csv").read_text().splitlines()
     assert rows == ["fold,seed,distilled,hard_label", "1,0,88.0,87.0", "1,1,90.0,87.0", "1,2,86.0,86.5"]
     out = capsys.readouterr().out
-    assert "mean gap +1.17 points (standard error 1.01) over 3 pair(s), positive in 2" in out
+    assert "mean gap +1.17 points (standard error 1.01) over 3 pair(s), positive in 2; mean accuracy distilled " \
+        "88.00 %, hard-label 86.83 %" in out
+
+
+def write_provenance(path: Path, val_fold=1, seed=0, split_seed=0, scratch=False, acc=0.88, seen=0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"val_fold": val_fold, "student_val": {"val_acc": acc},
+                                "ensemble": {} if scratch else {"val_seen_by_teachers": seen},
+                                "config": {"seed": seed, "split_seed": split_seed, "folds": 3, "scratch": scratch}}))
+    return path
+
+
+@pytest.mark.parametrize("control,culprit", [
+    ({"split_seed": -1, "seed": 1}, "not the same held-out images"),   # --seed 1 without --split-seed 0
+    ({"val_fold": 0}, "not the same held-out images"),
+    ({"seed": 2}, "seed 2"),
+    ({"scratch": False}, "expected a distilled student, then its --scratch control"),
+])
+def test_a_pair_is_one_fold_split_and_seed_distilled_then_control(tmp_path, control, culprit):
+    from toolkit.estimates import read_pair
+    distilled = write_provenance(tmp_path / "d.json", seed=1, acc=0.891)
+    fine = write_provenance(tmp_path / "ok.json", seed=1, scratch=True, acc=0.8708)
+    assert read_pair(distilled, fine) == {"fold": 1, "seed": 1, "distilled": 89.1, "hard_label": 87.08}
+    bad = write_provenance(tmp_path / "c.json", **{"seed": 1, "scratch": True, "acc": 0.87, **control})
+    with pytest.raises(DataError, match=culprit):
+        read_pair(distilled, bad)
+    leaked = write_provenance(tmp_path / "leak.json", seed=1, seen=5)
+    with pytest.raises(DataError, match="5 of its 0 val images were training images"):
+        read_pair(leaked, fine)
+
+
+def test_heldout_pairs_script_adds_replaces_and_summarises(tmp_path, capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("heldout_pairs", ROOT / "scripts" / "heldout_pairs.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("fold,seed,distilled,hard_label\n0,0,89.22,87.08\n0,1,88.0,88.5\n")
+    d, c = write_provenance(tmp_path / "d.json", seed=1, acc=0.89), write_provenance(tmp_path / "c.json", seed=1,
+                                                                                       scratch=True, acc=0.87)
+    d0, c0 = (write_provenance(tmp_path / f"{n}0.json", val_fold=0, seed=1, scratch=n == "c", acc=a)
+              for n, a in (("d", 0.9), ("c", 0.86)))
+    rows = script.main([str(csv), "--add", str(d), str(c), "--add", str(d0), str(c0)])
+    assert csv.read_text().splitlines() == ["fold,seed,distilled,hard_label", "0,0,89.22,87.08", "0,1,90.0,86.0",
+                                            "1,1,89.0,87.0"]  # fold 0 seed 1 replaced, fold 1 added, sorted
+    assert len(rows) == 3
+    out = capsys.readouterr().out
+    assert "mean gap +2.71 points (standard error 0.64) over 3 pair(s), positive in 3; mean accuracy distilled " \
+           "89.41 %, hard-label 86.69 %" in out
+    bad = write_provenance(tmp_path / "x.json", seed=2, scratch=True)
+    before = csv.read_text()
+    with pytest.raises(DataError):
+        script.main([str(csv), "--add", str(d), str(bad)])
+    assert csv.read_text() == before  # nothing written for a refused pair

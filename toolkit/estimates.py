@@ -7,7 +7,9 @@ artefacts record (each teacher's k-fold config, the student's provenance file):
     (combined as the ensemble combines), so the ensemble gets an out-of-fold accuracy for free
     when its members are fold teachers;
   * ``read_heldout``: a nested held-out run's provenance (``distill.py --val-fold F``, e.g. from
-    ``scripts/heldout_estimate.sh``): the student's accuracy on a fold no teacher and no student saw.
+    ``scripts/heldout_estimate.sh``): the student's accuracy on a fold no teacher and no student saw;
+  * ``read_pair`` / ``pairs_summary``: a distilled student and its hard-label control on the same
+    held-out fold, split and seed, and the paired comparison over many such pairs.
 """
 from __future__ import annotations
 
@@ -90,3 +92,81 @@ def find_heldout(root: str | Path = "runs") -> list[Path]:
     """Provenance files of the nested held-out estimates ``scripts/heldout_estimate.sh`` writes
     (``runs/estimate_v*_s*/distilled/model.provenance.json``), sorted."""
     return sorted(Path(root).glob("estimate_v*_s*/distilled/model.provenance.json"))
+
+
+PAIR_FIELDS = ["fold", "seed", "distilled", "hard_label"]
+
+
+def read_pair(distilled: str | Path, control: str | Path) -> dict:
+    """One row of the paired comparison (accuracies in percent) from the provenance files of a
+    distilled student and its hard-label control. DataError unless both are nested held-out runs
+    on the same fold of the same split, with the same seed, and the control is the --scratch one
+    (a control scored on another split, e.g. ``--seed S`` without ``--split-seed``, is no pair)."""
+    rows, configs = [], []
+    for path in (distilled, control):
+        rows.append(read_heldout(path))
+        configs.append(json.loads(Path(path).read_text()).get("config") or {})
+    split = [(c.get("folds"), c["seed"] if int(c.get("split_seed", -1)) < 0 else c["split_seed"]) for c in configs]
+    if rows[0]["val_fold"] != rows[1]["val_fold"] or split[0] != split[1]:
+        raise DataError(f"{control}: not the same held-out images as {distilled} (fold {rows[1]['val_fold']} of "
+                        f"split (folds, seed) {split[1]} against fold {rows[0]['val_fold']} of {split[0]})")
+    if rows[0]["seed"] != rows[1]["seed"]:
+        raise DataError(f"{control}: seed {rows[1]['seed']}, its distilled student {distilled}: {rows[0]['seed']}")
+    if [configs[0].get("scratch"), configs[1].get("scratch")] != [False, True]:
+        raise DataError(f"{distilled} / {control}: expected a distilled student, then its --scratch control")
+    return {"fold": rows[0]["val_fold"], "seed": rows[0]["seed"], "distilled": round(100 * rows[0]["accuracy"], 2),
+            "hard_label": round(100 * rows[1]["accuracy"], 2)}
+
+
+def pairs_summary(rows: list[dict]) -> dict:
+    """Rows of ``PAIR_FIELDS`` -> {pairs, mean_gap, gap_se (standard error of the mean gap, nan
+    for one pair), positive (pairs with gap > 0), mean_distilled, mean_hard_label}, in points."""
+    import math
+    import statistics
+    gaps = [float(r["distilled"]) - float(r["hard_label"]) for r in rows]
+    return {"pairs": len(gaps), "mean_gap": statistics.mean(gaps),
+            "gap_se": statistics.stdev(gaps) / math.sqrt(len(gaps)) if len(gaps) > 1 else float("nan"),
+            "positive": sum(g > 0 for g in gaps),
+            "mean_distilled": statistics.mean(float(r["distilled"]) for r in rows),
+            "mean_hard_label": statistics.mean(float(r["hard_label"]) for r in rows)}
+
+
+def format_pairs(rows: list[dict], title: str) -> str:
+    """The paired table (fold, seed, distilled, hard label, gap) and its summary line, as printed."""
+    lines = [title, f"{'fold':>4} {'seed':>5} {'distilled':>10} {'hard_label':>11} {'gap':>7}"]
+    for r in rows:
+        gap = float(r["distilled"]) - float(r["hard_label"])
+        lines.append(f"{r['fold']:>4} {r['seed']:>5} {float(r['distilled']):>9.2f}% {float(r['hard_label']):>10.2f}% "
+                     f"{gap:>+7.2f}")
+    s = pairs_summary(rows)
+    lines.append(f"mean gap {s['mean_gap']:+.2f} points (standard error {s['gap_se']:.2f}) over {s['pairs']} pair(s), "
+                 f"positive in {s['positive']}; mean accuracy distilled {s['mean_distilled']:.2f} %, "
+                 f"hard-label {s['mean_hard_label']:.2f} %")
+    return "\n".join(lines)
+
+
+def write_pairs_csv(rows: list[dict], path: str | Path) -> None:
+    import csv
+    import io
+
+    from .io import atomic_write_text
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=PAIR_FIELDS, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(text.getvalue(), path)
+
+
+def read_pairs_csv(path: str | Path) -> list[dict]:
+    """docs/heldout_pairs.csv -> rows; DataError naming the file for a missing column or a bad number."""
+    import csv
+    path = Path(path)
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        if not rows or set(PAIR_FIELDS) - set(rows[0]):
+            raise ValueError(f"expected the columns {','.join(PAIR_FIELDS)} and at least one row")
+        return [{"fold": int(r["fold"]), "seed": int(r["seed"]), "distilled": float(r["distilled"]),
+                 "hard_label": float(r["hard_label"])} for r in rows]
+    except (OSError, ValueError, TypeError) as err:
+        raise DataError(f"{path}: not a paired-comparison CSV ({err})") from None
