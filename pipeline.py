@@ -255,7 +255,8 @@ def paired_table(fold: int, pairs: list[tuple[int, Path, Path]], csv_path: Path)
     hard-label control's accuracy on the held-out fold (percent), printed with the mean gap and
     its standard error, and written to ``csv_path`` (fold,seed,distilled,hard_label)."""
     from toolkit.estimates import format_pairs, read_pair, write_pairs_csv
-    rows = [read_pair(*(p.with_suffix(".provenance.json") for p in (distilled, control))) for _, distilled, control in pairs]
+    rows = [read_pair(distilled.with_suffix(".provenance.json"), control.with_suffix(".provenance.json"))
+            for _, distilled, control in pairs]
     print("\n" + format_pairs(rows, f"held-out fold {fold}: distilled vs hard-label control, paired by seed"))
     write_pairs_csv(rows, csv_path)
     return rows

@@ -301,8 +301,8 @@ def test_heldout_pairs_script_adds_replaces_and_summarises(tmp_path, capsys):
     spec.loader.exec_module(script)
     csv = tmp_path / "pairs.csv"
     csv.write_text("fold,seed,distilled,hard_label\n0,0,89.22,87.08\n0,1,88.0,88.5\n")
-    d, c = write_provenance(tmp_path / "d.json", seed=1, acc=0.89), write_provenance(tmp_path / "c.json", seed=1,
-                                                                                       scratch=True, acc=0.87)
+    d = write_provenance(tmp_path / "d.json", seed=1, acc=0.89)
+    c = write_provenance(tmp_path / "c.json", seed=1, scratch=True, acc=0.87)
     d0, c0 = (write_provenance(tmp_path / f"{n}0.json", val_fold=0, seed=1, scratch=n == "c", acc=a)
               for n, a in (("d", 0.9), ("c", 0.86)))
     rows = script.main([str(csv), "--add", str(d), str(c), "--add", str(d0), str(c0)])
