@@ -30,7 +30,7 @@ from toolkit.data import DataError, load_course_folder
 from toolkit.engine import CHECKPOINT, RESUME_IRRELEVANT
 from toolkit.io import atomic_write_json, atomic_write_text
 from toolkit.locks import hold_locks
-from toolkit.recipe import load_recipe
+from toolkit.recipe import fold_suffix, load_recipe
 from toolkit.runlog import setup_logging
 from toolkit.teachers import TEACHER_FILE
 
@@ -83,7 +83,7 @@ def teacher_argv(cfg: PipelineConfig, name: str, fold: int) -> list[str]:
 
 def teacher_folder(cfg: PipelineConfig, name: str, fold: int) -> Path:
     """teachers_root/<name>_f<fold>, or <name>_all for the teacher of every image (fold -1)."""
-    return Path(cfg.teachers_root) / (f"{name}_f{fold}" if fold >= 0 else f"{name}_all")
+    return Path(cfg.teachers_root) / (name + fold_suffix(fold))
 
 
 def recipe_teachers(cfg: PipelineConfig) -> list[Path]:
@@ -136,12 +136,12 @@ def run(cfg: PipelineConfig, work: Path) -> dict:
             argv = teacher_argv(cfg, name, fold)
             folder = Path(argv[argv.index("--out") + 1])
             status = teacher_status(cfg, folder, argv, data.fingerprint)
+            stage_name = f"teacher {name} fold {fold}" if fold >= 0 else f"teacher {name} all images"
             if status.startswith("reused"):
-                stage_name = f"teacher {name} fold {fold}" if fold >= 0 else f"teacher {name} all images"
                 print(f"=== {stage_name}: {status}", flush=True)
                 statuses[stage_name] = status
                 continue
-            stage(f"teacher {name} fold {fold}" if fold >= 0 else f"teacher {name} all images", status,
+            stage(stage_name, status,
                   lambda: train_teacher.main(argv + (["--resume"] if status.startswith("resumed") else [])))
 
     teachers_sha = teachers_digest(recipe_teachers(cfg))

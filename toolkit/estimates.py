@@ -40,7 +40,7 @@ def student_seen(weights: str | Path, data: CourseData, idx: torch.Tensor) -> to
         doc = json.loads(prov.read_text())
         cfg, fingerprint = doc["config"], doc["run"]["data_fingerprint"]
         val_fold, k = int(doc["val_fold"]), int(cfg["folds"])
-        seed = int(cfg["seed"]) if int(cfg.get("split_seed", -1)) < 0 else int(cfg["split_seed"])
+        seed = split_seed(cfg)
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if fingerprint != data.fingerprint:
@@ -48,6 +48,11 @@ def student_seen(weights: str | Path, data: CourseData, idx: torch.Tensor) -> to
     if val_fold < 0:
         return torch.ones(len(idx), dtype=torch.bool)
     return (stratified_folds(data.labels, k, seed) != val_fold)[idx]
+
+
+def split_seed(cfg: dict) -> int:
+    """The k-fold seed of a student run from its recorded config: --split-seed, or --seed when -1."""
+    return int(cfg["seed"]) if int(cfg.get("split_seed", -1)) < 0 else int(cfg["split_seed"])
 
 
 def oof_ensemble_log_probs(member_logits: torch.Tensor, weights: torch.Tensor, seen: torch.Tensor,
@@ -106,7 +111,7 @@ def read_pair(distilled: str | Path, control: str | Path) -> dict:
     for path in (distilled, control):
         rows.append(read_heldout(path))
         configs.append(json.loads(Path(path).read_text()).get("config") or {})
-    split = [(c.get("folds"), c["seed"] if int(c.get("split_seed", -1)) < 0 else c["split_seed"]) for c in configs]
+    split = [(c.get("folds"), split_seed(c)) for c in configs]
     if rows[0]["val_fold"] != rows[1]["val_fold"] or split[0] != split[1]:
         raise DataError(f"{control}: not the same held-out images as {distilled} (fold {rows[1]['val_fold']} of "
                         f"split (folds, seed) {split[1]} against fold {rows[0]['val_fold']} of {split[0]})")

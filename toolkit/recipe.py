@@ -121,7 +121,12 @@ def parse_member(entry: str) -> tuple[str, dict]:
 def teacher_folder_name(model: str, input_size: int | str, fold: int | None = None) -> str:
     """'efficientnet_lite2', 224, 1 -> 'lite2_224px_f1' (fold None: without the fold; -1: '_all')."""
     name = f"{model.replace('efficientnet_', '')}_{input_size}px"
-    return name if fold is None else f"{name}_f{fold}" if fold >= 0 else f"{name}_all"
+    return name if fold is None else name + fold_suffix(fold)
+
+
+def fold_suffix(fold: int) -> str:
+    """A teacher folder's suffix: '_f<fold>', or '_all' for the teacher of every image (fold -1)."""
+    return f"_f{fold}" if fold >= 0 else "_all"
 
 
 @functools.lru_cache(maxsize=8)
