@@ -82,7 +82,7 @@ class DistillConfig(TrainingRun):
                                "view (replicated to 3 channels)", choices=("rgb", "grey"))
     max_shift: int = option(8, "largest shift of a view, pixels", min=0, max=50)
     view_seed: int = option(0, "seed of the views (the teachers' seed reuses their trunk cache)", min=0)
-    loss: str = option("kd", "kd: Hinton KD + hard-label CE; dist: DIST (Huang 2022)", choices=("kd", "dist"))
+    loss: str = option("kd", "kd: Hinton KD; dist: DIST (Huang 2022); either with alpha * hard-label CE", choices=("kd", "dist"))
     temperature: float = option(1.0, "KD temperature T (T = 2 with alpha = 0.1 lost 1.8 points, README)",
                                 min=0.05, max=100)
     alpha: float = option(0.5, "weight of the hard-label CE in KD", min=0, max=1)
@@ -229,11 +229,12 @@ def check_student_classes(student, data, cfg: DistillConfig, device: torch.devic
 
 def soft_objective(cfg: DistillConfig, logits, probs, labels) -> dict:
     """The distillation loss against the ensemble's probabilities, the same in both modes:
-    KD (alpha * CE + (1 - alpha) * T^2 * KL, Hinton 2015) or DIST. A mixed batch (mixup) has
-    no single label per image (``labels`` None): KD is then its soft term alone (alpha 0)."""
+    alpha * CE + (1 - alpha) * (T^2 * KL (KD, Hinton 2015) or DIST (Huang 2022)). A mixed batch
+    (mixup) has no single label per image (``labels`` None): the soft term alone (alpha 0)."""
+    alpha = cfg.alpha if labels is not None else 0.0
     if cfg.loss == "dist":
-        return dist_loss(logits, probs, T=cfg.temperature)
-    return kd_loss(logits, probs, labels, T=cfg.temperature, alpha=cfg.alpha if labels is not None else 0.0)
+        return dist_loss(logits, probs, T=cfg.temperature, labels=labels, alpha=alpha)
+    return kd_loss(logits, probs, labels, T=cfg.temperature, alpha=alpha)
 
 
 def make_loss(cfg: DistillConfig, data, device, view_params, features, targets, ensemble):
@@ -293,8 +294,8 @@ def make_mixed_loss(cfg: DistillConfig, data, device, view_params, features, tar
         if cfg.scratch:
             return {"loss": torch.nn.functional.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)}
         probs = targets[row_of[idx], k].float().to(device)
-        if cfg.loss == "dist":
-            return dist_loss(logits, probs, T=cfg.temperature)
+        if cfg.loss == "dist":  # y: the mixed hard labels, (B, C)
+            return dist_loss(logits, probs, T=cfg.temperature, labels=y, alpha=cfg.alpha)
         kd = kd_loss(logits, probs, None, T=cfg.temperature, alpha=0.0)["kd"]
         ce = soft_cross_entropy(logits, y)  # the mixed hard label: lam * y_i + (1 - lam) * y_partner
         return {"loss": cfg.alpha * ce + (1 - cfg.alpha) * kd, "ce": ce, "kd": kd}

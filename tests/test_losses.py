@@ -163,6 +163,34 @@ def test_dist_intra_by_hand_written_out():
     assert close(dist_loss(t(S), t(P))["intra"], 1 - sum(signs) / 3)
 
 
+@pytest.mark.parametrize("alpha", [0.25, 0.5, 1.0])
+def test_dist_with_hard_term_by_hand(alpha):
+    """alpha * CE(y, s) + (1 - alpha) * DIST, CE written out from plain-Python log-softmax; at
+    alpha 0.5 twice the loss is the paper's CE + inter + intra."""
+    ce = -(py_log_softmax(S[0])[Y[0]] + py_log_softmax(S[1])[Y[1]]) / 2
+    plain = dist_loss(t(S), t(P))
+    out = dist_loss(t(S), t(P), labels=torch.tensor(Y), alpha=alpha)
+    assert close(out["ce"], ce)
+    assert close(out["loss"], alpha * ce + (1 - alpha) * plain["loss"].item())
+    if alpha == 0.5:
+        assert close(2 * out["loss"], ce + plain["inter"].item() + plain["intra"].item())
+
+
+def test_dist_hard_term_takes_mixed_label_distributions():
+    """A CutMix/mixup view's hard label is a distribution (B, C): CE = -sum_c y_c log s_c."""
+    mixed = [[0.0, 0.3, 0.7], [1.0, 0.0, 0.0]]
+    ce = -sum(sum(y * l for y, l in zip(mixed[i], py_log_softmax(S[i]))) for i in range(2)) / 2
+    out = dist_loss(t(S), t(P), labels=t(mixed), alpha=0.5)
+    assert close(out["ce"], ce)
+
+
+def test_dist_hard_term_refusals():
+    with pytest.raises(ValueError, match="labels are required"):
+        dist_loss(t(S), t(P), alpha=0.5)
+    with pytest.raises(ValueError, match="alpha must be in"):
+        dist_loss(t(S), t(P), labels=torch.tensor(Y), alpha=1.5)
+
+
 @pytest.mark.parametrize("T", [1.0, 3.0])
 def test_dist_zero_when_student_equals_teacher(T):
     p = torch.softmax(torch.randn(8, 5) * 2, 1)

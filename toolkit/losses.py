@@ -82,23 +82,43 @@ def _pearson_rows(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.
 
 
 def dist_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, T: float = 1.0,
-              beta: float = 1.0, gamma: float = 1.0) -> dict[str, torch.Tensor]:
+              beta: float = 1.0, gamma: float = 1.0, labels: torch.Tensor | None = None,
+              alpha: float = 0.0) -> dict[str, torch.Tensor]:
     """DIST, Huang, You, Wang, Qian & Xu 2022, "Knowledge Distillation from A Stronger
     Teacher" (NeurIPS 2022, arXiv:2205.10536). With Y_s = softmax(s / T) and
     Y_t = soften_probs(teacher_probs, T), both (B, C), and rho the Pearson correlation:
 
         inter = 1 - (1/B) sum_i rho(Y_s[i, :], Y_t[i, :])    (inter-class relation, per sample)
         intra = 1 - (1/C) sum_j rho(Y_s[:, j], Y_t[:, j])    (intra-class relation, per class)
-        L     = T^2 * (beta * inter + gamma * intra)
+        DIST  = T^2 * (beta * inter + gamma * intra)
+        L     = alpha * CE(y, s) + (1 - alpha) * DIST
 
-    Returns {'loss': L, 'inter': inter, 'intra': intra} (inter/intra without T^2 or weights).
-    With a batch of one the intra term is the constant 1 (a single value has no correlation).
+    The paper trains on CE + beta * inter + gamma * intra (its alpha 1): that is alpha = 0.5 here,
+    with the loss halved. ``labels``: class ids (B,) (-1 ignored) or label distributions (B, C)
+    such as mixed hard labels; None only when alpha == 0.
+
+    Returns {'loss': L, 'inter': inter, 'intra': intra, 'ce': CE} (inter/intra without T^2 or
+    weights; CE 0 when labels is None). With a batch of one the intra term is the constant 1 (a
+    single value has no correlation).
     """
-    y_s = torch.softmax(student_logits.float() / T, dim=1)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if alpha > 0 and labels is None:
+        raise ValueError("dist_loss: labels are required when alpha > 0")
+    s = student_logits.float()
+    y_s = torch.softmax(s / T, dim=1)
     y_t = soften_probs(teacher_probs, T)
     inter = 1.0 - _pearson_rows(y_s, y_t).mean()
     intra = 1.0 - _pearson_rows(y_s.t(), y_t.t()).mean()
-    return {"loss": (T * T) * (beta * inter + gamma * intra), "inter": inter, "intra": intra}
+    dist = (T * T) * (beta * inter + gamma * intra)
+    ce = hard_label_ce(s, labels) if labels is not None else s.sum() * 0.0
+    return {"loss": alpha * ce + (1.0 - alpha) * dist, "inter": inter, "intra": intra, "ce": ce}
+
+
+def hard_label_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """CE against class ids (B,), rows with -1 ignored, or against label distributions (B, C)
+    (mixed hard labels lam * y_i + (1 - lam) * y_j of a CutMix or mixup view)."""
+    return soft_cross_entropy(logits, labels) if labels.dim() == 2 else _masked_ce(logits, labels)
 
 
 def standardize_logits(z: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
