@@ -82,7 +82,8 @@ class DistillConfig(TrainingRun):
                                "view (replicated to 3 channels)", choices=("rgb", "grey"))
     max_shift: int = option(8, "largest shift of a view, pixels", min=0, max=50)
     view_seed: int = option(0, "seed of the views (the teachers' seed reuses their trunk cache)", min=0)
-    loss: str = option("kd", "kd: Hinton KD; dist: DIST (Huang 2022); either with alpha * hard-label CE", choices=("kd", "dist"))
+    loss: str = option("kd", "kd: Hinton KD; dist: DIST (Huang 2022); either plus alpha * hard-label CE",
+                       choices=("kd", "dist"))
     temperature: float = option(1.0, "KD temperature T (T = 2 with alpha = 0.1 lost 1.8 points, README)",
                                 min=0.05, max=100)
     alpha: float = option(0.5, "weight of the hard-label CE in KD", min=0, max=1)
