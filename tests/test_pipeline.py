@@ -312,6 +312,7 @@ def test_heldout_pairs_script_adds_replaces_and_summarises(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "mean gap +2.71 points (standard error 0.64) over 3 pair(s), positive in 3; mean accuracy distilled " \
            "89.41 %, hard-label 86.69 %" in out
+    assert "mean gap +2.00 points (one pair: no standard error) over 1 pair(s)" in out  # fold 1: one pair, no "nan"
     bad = write_provenance(tmp_path / "x.json", seed=2, scratch=True)
     before = csv.read_text()
     with pytest.raises(DataError):

@@ -144,7 +144,8 @@ def format_pairs(rows: list[dict], title: str) -> str:
         lines.append(f"{r['fold']:>4} {r['seed']:>5} {float(r['distilled']):>9.2f}% {float(r['hard_label']):>10.2f}% "
                      f"{gap:>+7.2f}")
     s = pairs_summary(rows)
-    lines.append(f"mean gap {s['mean_gap']:+.2f} points (standard error {s['gap_se']:.2f}) over {s['pairs']} pair(s), "
+    se = f"standard error {s['gap_se']:.2f}" if s["pairs"] > 1 else "one pair: no standard error"
+    lines.append(f"mean gap {s['mean_gap']:+.2f} points ({se}) over {s['pairs']} pair(s), "
                  f"positive in {s['positive']}; mean accuracy distilled {s['mean_distilled']:.2f} %, "
                  f"hard-label {s['mean_hard_label']:.2f} %")
     return "\n".join(lines)
