@@ -33,7 +33,7 @@ from toolkit.engine import (epoch_index_batches, make_trainer, run_info, save_ru
 from toolkit.ensemble import ensemble_on_val, load_ensemble, view_soft_targets
 from toolkit.io import atomic_save, atomic_write_json, ensure_writable_dir
 from toolkit.locks import hold_locks
-from toolkit.losses import dist_loss, kd_loss, label_smoothing_ce, soft_cross_entropy
+from toolkit.losses import dist_loss, kd_loss, label_smoothing_ce
 from toolkit.mixviews import mixed_hard_targets, mixed_view_targets, render_views, sample_mixed_views
 from toolkit.recipe import with_recipe_defaults
 from toolkit.splits import ClassBalancedSampler, check_split, fold_split
@@ -295,11 +295,10 @@ def make_mixed_loss(cfg: DistillConfig, data, device, view_params, features, tar
         if cfg.scratch:
             return {"loss": torch.nn.functional.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)}
         probs = targets[row_of[idx], k].float().to(device)
-        if cfg.loss == "dist":  # y: the mixed hard labels, (B, C)
+        # y: the mixed hard label lam * y_i + (1 - lam) * y_partner, (B, C)
+        if cfg.loss == "dist":
             return dist_loss(logits, probs, T=cfg.temperature, labels=y, alpha=cfg.alpha)
-        kd = kd_loss(logits, probs, None, T=cfg.temperature, alpha=0.0)["kd"]
-        ce = soft_cross_entropy(logits, y)  # the mixed hard label: lam * y_i + (1 - lam) * y_partner
-        return {"loss": cfg.alpha * ce + (1 - cfg.alpha) * kd, "ce": ce, "kd": kd}
+        return kd_loss(logits, probs, y, T=cfg.temperature, alpha=cfg.alpha)
 
     return loss_fn
 

@@ -184,6 +184,14 @@ def test_dist_hard_term_takes_mixed_label_distributions():
     assert close(out["ce"], ce)
 
 
+def test_kd_hard_term_takes_mixed_label_distributions():
+    mixed = [[0.0, 0.3, 0.7], [1.0, 0.0, 0.0]]
+    ce = -sum(sum(y * l for y, l in zip(mixed[i], py_log_softmax(S[i]))) for i in range(2)) / 2
+    out = kd_loss(t(S), t(P), t(mixed), T=2.0, alpha=0.3)
+    assert close(out["ce"], ce)
+    assert close(out["loss"], 0.3 * ce + 0.7 * kd_loss(t(S), t(P), None, T=2.0)["kd"].item())
+
+
 def test_dist_hard_term_refusals():
     with pytest.raises(ValueError, match="labels are required"):
         dist_loss(t(S), t(P), alpha=0.5)

@@ -55,7 +55,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
 
     where p_T = soften_probs(teacher_probs, T) and KL(p || q) = sum_i p_i (log p_i - log q_i),
     averaged over the batch. The T^2 keeps the soft-target gradients' scale independent of T.
-    CE averages over the rows with label != -1; ``labels`` may be None only when alpha == 0.
+    ``labels``: class ids (B,), CE over the rows with label != -1, or label distributions (B, C)
+    such as a mixed view's hard label; None only when alpha == 0.
 
     Returns {'loss': L, 'ce': CE (0 when alpha == 0 and labels is None), 'kd': T^2 * KL}.
     """
@@ -67,7 +68,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
     p_t = soften_probs(teacher_probs, T)
     # kl_div with a probability target uses xlogy, so zero teacher probabilities are fine.
     kd = F.kl_div(F.log_softmax(s / T, dim=1), p_t, reduction="batchmean") * (T * T)
-    ce = _masked_ce(s, labels) if labels is not None else s.sum() * 0.0
+    ce = hard_label_ce(s, labels) if labels is not None else s.sum() * 0.0
     return {"loss": alpha * ce + (1.0 - alpha) * kd, "ce": ce, "kd": kd}
 
 
