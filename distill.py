@@ -86,7 +86,7 @@ class DistillConfig(TrainingRun):
                        choices=("kd", "dist"))
     temperature: float = option(1.0, "KD temperature T (T = 2 with alpha = 0.1 lost 1.8 points, README)",
                                 min=0.05, max=100)
-    alpha: float = option(0.5, "weight of the hard-label CE in KD", min=0, max=1)
+    alpha: float = option(0.5, "weight of the hard-label CE in KD or DIST", min=0, max=1)
     oof: bool = option(True, "out-of-fold targets when teachers are fold teachers")
     scratch: bool = option(False, "control: the same student and recipe on hard labels only")
     label_smoothing: float = option(0.1, "label smoothing of --scratch", min=0, below=1)

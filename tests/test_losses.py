@@ -176,18 +176,19 @@ def test_dist_with_hard_term_by_hand(alpha):
         assert close(2 * out["loss"], ce + plain["inter"].item() + plain["intra"].item())
 
 
+# A CutMix/mixup view's hard label is a distribution (B, C): CE = -(1/B) sum_i sum_c y_ic log s_ic.
+MIXED = [[0.0, 0.3, 0.7], [1.0, 0.0, 0.0]]
+MIXED_CE = -sum(sum(y * l for y, l in zip(MIXED[i], py_log_softmax(S[i]))) for i in range(2)) / 2
+
+
 def test_dist_hard_term_takes_mixed_label_distributions():
-    """A CutMix/mixup view's hard label is a distribution (B, C): CE = -sum_c y_c log s_c."""
-    mixed = [[0.0, 0.3, 0.7], [1.0, 0.0, 0.0]]
-    ce = -sum(sum(y * l for y, l in zip(mixed[i], py_log_softmax(S[i]))) for i in range(2)) / 2
-    out = dist_loss(t(S), t(P), labels=t(mixed), alpha=0.5)
-    assert close(out["ce"], ce)
+    out = dist_loss(t(S), t(P), labels=t(MIXED), alpha=0.5)
+    assert close(out["ce"], MIXED_CE)
 
 
 def test_kd_hard_term_takes_mixed_label_distributions():
-    mixed = [[0.0, 0.3, 0.7], [1.0, 0.0, 0.0]]
-    ce = -sum(sum(y * l for y, l in zip(mixed[i], py_log_softmax(S[i]))) for i in range(2)) / 2
-    out = kd_loss(t(S), t(P), t(mixed), T=2.0, alpha=0.3)
+    out = kd_loss(t(S), t(P), t(MIXED), T=2.0, alpha=0.3)
+    ce = MIXED_CE
     assert close(out["ce"], ce)
     assert close(out["loss"], 0.3 * ce + 0.7 * kd_loss(t(S), t(P), None, T=2.0)["kd"].item())
 

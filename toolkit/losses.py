@@ -60,15 +60,11 @@ def kd_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
 
     Returns {'loss': L, 'ce': CE (0 when alpha == 0 and labels is None), 'kd': T^2 * KL}.
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if alpha > 0 and labels is None:
-        raise ValueError("kd_loss: labels are required when alpha > 0")
     s = student_logits.float()
+    ce = _hard_term(s, labels, alpha, "kd_loss")
     p_t = soften_probs(teacher_probs, T)
     # kl_div with a probability target uses xlogy, so zero teacher probabilities are fine.
     kd = F.kl_div(F.log_softmax(s / T, dim=1), p_t, reduction="batchmean") * (T * T)
-    ce = hard_label_ce(s, labels) if labels is not None else s.sum() * 0.0
     return {"loss": alpha * ce + (1.0 - alpha) * kd, "ce": ce, "kd": kd}
 
 
@@ -102,18 +98,24 @@ def dist_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, T: floa
     weights; CE 0 when labels is None). With a batch of one the intra term is the constant 1 (a
     single value has no correlation).
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if alpha > 0 and labels is None:
-        raise ValueError("dist_loss: labels are required when alpha > 0")
     s = student_logits.float()
+    ce = _hard_term(s, labels, alpha, "dist_loss")
     y_s = torch.softmax(s / T, dim=1)
     y_t = soften_probs(teacher_probs, T)
     inter = 1.0 - _pearson_rows(y_s, y_t).mean()
     intra = 1.0 - _pearson_rows(y_s.t(), y_t.t()).mean()
     dist = (T * T) * (beta * inter + gamma * intra)
-    ce = hard_label_ce(s, labels) if labels is not None else s.sum() * 0.0
     return {"loss": alpha * ce + (1.0 - alpha) * dist, "inter": inter, "intra": intra, "ce": ce}
+
+
+def _hard_term(s: torch.Tensor, labels: torch.Tensor | None, alpha: float, loss: str) -> torch.Tensor:
+    """The CE of ``loss``'s alpha * CE + (1 - alpha) * soft term, after checking alpha is in [0, 1]
+    and labels are given when alpha > 0; a graph-connected 0 when labels is None."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if alpha > 0 and labels is None:
+        raise ValueError(f"{loss}: labels are required when alpha > 0")
+    return hard_label_ce(s, labels) if labels is not None else s.sum() * 0.0
 
 
 def hard_label_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
