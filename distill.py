@@ -106,7 +106,7 @@ class DistillConfig(TrainingRun):
         if self.mixup > 0 and self.scratch:
             return "mixup", "--scratch trains on hard labels and does not mix"
         if self.view_kind == "mixed" and self.mode != "cached":
-            return "view_kind", "mixed views are labelled once: --mode cached"
+            return "view_kind", "mixed views are labelled once, so they need --mode cached (online: --view-kind shift)"
         if self.view_kind == "mixed" and self.mixup > 0:
             return "mixup", "--view-kind mixed already mixes every view after the first two; drop --mixup"
         return None

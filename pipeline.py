@@ -1,4 +1,4 @@
-"""The recipe end to end: fold teachers -> distillation -> model.pth -> report; resumable.
+"""The recipe end to end: teachers -> distillation -> model.pth -> report; resumable.
 
     python pipeline.py                       (./run.sh does set-up + this)
     python pipeline.py --recipe alt.yaml     (another recipe: toolkit/recipe.py says what one holds)
@@ -37,7 +37,7 @@ from toolkit.teachers import TEACHER_FILE
 
 @dataclass
 class PipelineConfig:
-    """Run the whole recipe: fold teachers -> distillation -> model.pth -> report (resumable)."""
+    """Run the whole recipe: teachers -> distillation -> model.pth -> report (resumable)."""
     data: str = option("../shared/data/training_data", "labelled course folder (labels.csv + images)",
                        path="in_dir")
     recipe: str = option("", "recipe file (YAML): what differs from the default recipe (toolkit/recipe.py)",
@@ -171,9 +171,10 @@ def run(cfg: PipelineConfig, work: Path) -> dict:
     if cfg.report:
         from toolkit import evaluate
         from toolkit.estimates import find_heldout
-        # The report leads with the fold teachers' and the ensemble's out-of-fold accuracies and
-        # any nested held-out student estimate found under runs/; the shipped student trained on
-        # every image, so its own scores there are in-sample.
+        # The report leads with what no model trained on: fold teachers' and their ensemble's
+        # out-of-fold accuracies (teachers of every image have none) and any nested held-out
+        # student estimate found under runs/; the shipped student trained on every image, so its
+        # own scores there are in-sample.
         teacher_dirs = [str(p) for p in recipe_teachers(cfg)]
         heldout = [str(p) for p in find_heldout("runs")]
         arch = parse_config(distill.DistillConfig, student_argv(cfg, work)).arch  # the recipe's student

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Honest held-out estimate of a recipe: fold VAL of a 5-fold split is never seen by any teacher
-# nor by the student. Each recipe's teachers i != VAL hold out fold i and VAL, and label fold i
-# (out-of-fold targets); the student trains on the other 4 folds, and so does the hard-label
-# control (distill.py --scratch, same student recipe). Re-running the same command resumes.
+# nor by the student. The default recipe's one teacher per recipe trains on the other 4 folds
+# (with fold teachers, teacher i != VAL holds out fold i and VAL and labels fold i); the student
+# trains on the other 4 folds, and so does the hard-label control (distill.py --scratch, same
+# student recipe, same views). Re-running the same command resumes.
 # Usage: scripts/heldout_estimate.sh [DATA] [VAL_FOLD] [SEED] [OUT] [pipeline.py flags...]
 #   RECIPE=my.yaml scripts/heldout_estimate.sh ...   (default recipes/heldout.yaml: the default recipe, 5 folds)
 set -euo pipefail

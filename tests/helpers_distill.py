@@ -128,8 +128,9 @@ def train_tiny_teacher(data: Path, out: Path, fold: int = 0, folds: int = 3, see
 
 def distill_argv(data: Path, arch: Path, out: Path, work: Path, teachers=(), **flags) -> list[str]:
     """distill.py flags for a tiny run; keyword flags override (``views=2`` -> ``--views 2``,
-    True -> ``--flag``, False -> ``--no-flag``)."""
-    base = {"views": 2, "epochs": 2, "batch_size": 8, "folds": 3, "val_fold": 0, "device": "cpu",
+    True -> ``--flag``, False -> ``--no-flag``). The flip/shift views unless ``view_kind='mixed'``
+    (the default recipe's mixed views have their own tests, tests/test_mixviews.py)."""
+    base = {"views": 2, "view_kind": "shift", "epochs": 2, "batch_size": 8, "folds": 3, "val_fold": 0, "device": "cpu",
             "checkpoint_every": 0, "lr": 0.3, "warmup_epochs": 0.5,
             "student_init": "none", "student_frozen_stages": 0}
     base.update(flags)

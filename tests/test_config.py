@@ -67,7 +67,7 @@ def test_shared_run_fields_keep_each_scripts_defaults_and_the_same_checks(capsys
     assert (teacher.epochs, teacher.batch_size, teacher.warmup_epochs, teacher.ema_decay,
             teacher.checkpoint_every) == (6, 64, 0.5, 0.998, 100)
     assert (student.epochs, student.batch_size, student.warmup_epochs, student.ema_decay,
-            student.checkpoint_every) == (10, 128, 1.0, 0.999, 200)
+            student.checkpoint_every) == (20, 128, 1.0, 0.999, 200)
     assert train_teacher.TeacherConfig().epochs == 6  # the dataclass itself, not only the parser
     for cls in (train_teacher.TeacherConfig, distill.DistillConfig):
         with pytest.raises(ConfigError, match=r"--ema-decay: must be < 1, got 1.0"):
@@ -102,7 +102,7 @@ def test_coerce_refuses(value, kind):
 
 def test_flags_override_the_config_file(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("epochs: 3\nlr: 1e-3\nmode: online\n")  # YAML reads 1e-3 as a string: coerced
+    path.write_text("epochs: 3\nlr: 1e-3\nmode: online\nview_kind: shift\n")  # YAML reads 1e-3 as a string: coerced
     cfg = parse_config(distill.DistillConfig, ["--config", str(path), "--epochs", "4"])
     assert (cfg.epochs, cfg.lr, cfg.mode) == (4, 1e-3, "online")
 

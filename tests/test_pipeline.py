@@ -53,8 +53,10 @@ def test_script_defaults_are_the_default_recipe():
     """The command line's defaults (and the dataclasses') are the recipe's values."""
     teacher = parse_config(train_teacher.TeacherConfig, [])
     student = parse_config(distill.DistillConfig, [])
-    for key in ("folds", "views"):
-        assert getattr(teacher, key) == getattr(student, key) == DEFAULT_RECIPE[key]
+    for key in ("folds", "views"):  # shared, unless a section sets its own (the student's 6 views)
+        assert getattr(teacher, key) == DEFAULT_RECIPE["teacher"].get(key, DEFAULT_RECIPE[key])
+        assert getattr(student, key) == DEFAULT_RECIPE["student"].get(key, DEFAULT_RECIPE[key])
+    assert teacher.fold == (-1 if DEFAULT_RECIPE["teacher_split"] == "all" else 0)  # a teacher the recipe uses
     for key, value in DEFAULT_RECIPE["teacher"].items():
         assert getattr(teacher, key) == value, key
     for key, value in DEFAULT_RECIPE["student"].items():
@@ -65,12 +67,18 @@ def test_script_defaults_are_the_default_recipe():
     assert asdict(distill.DistillConfig()) == asdict(student)
 
 
-def test_train_teacher_fold_0_is_the_recipes_first_teacher_as_committed():
-    """`python train_teacher.py --fold 0` trains exactly the committed teachers/lite0_224px_f0, and
-    `--member` names the others (same config, except the fields that never change the result)."""
-    for folder in sorted((ROOT / "teachers").iterdir()):
-        name, fold = folder.name.rsplit("_f", 1)
-        argv = ["--fold", fold] + (["--member", name] if name != parse_member(DEFAULT_RECIPE["teachers"][0])[0] else [])
+def test_train_teacher_trains_exactly_the_committed_teachers():
+    """The committed teachers/ are the default recipe's (one <name>_all per recipe under teacher_split
+    all): `python train_teacher.py` trains exactly teachers/lite0_224px_all, and `--member` names the
+    others (same config, except the fields that never change the result)."""
+    recipe = load_recipe()
+    folders = sorted((ROOT / "teachers").iterdir())
+    assert [f.name for f in folders] == sorted(name + ("_all" if fold < 0 else f"_f{fold}")
+                                               for name, _ in recipe.members() for fold in recipe.teacher_folds())
+    for folder in folders:
+        name, _, fold = folder.name.rpartition("_")
+        argv = ([] if fold == "all" else ["--fold", fold.removeprefix("f")]) + \
+            (["--member", name] if name != recipe.members()[0][0] else [])
         cfg = asdict(parse_config(train_teacher.TeacherConfig, argv))
         assert cfg["out"] == f"teachers/{folder.name}"
         saved = yaml.safe_load((folder / "config.yaml").read_text())
@@ -88,8 +96,8 @@ def test_distill_defaults_are_the_shipped_students_config():
 
 def test_a_recipe_file_changes_all_three_scripts_alike(tmp_path, monkeypatch, make_course):
     recipe = tmp_path / "alt.yaml"
-    recipe.write_text(yaml.safe_dump({"folds": 4, "views": 3, "teachers": ["efficientnet_lite1@240:epochs=9",
-                                                                           "resnet18@160"],
+    recipe.write_text(yaml.safe_dump({"folds": 4, "views": 3, "teacher_split": "folds",
+                                      "teachers": ["efficientnet_lite1@240:epochs=9", "resnet18@160"],
                                       "teacher": {"epochs": 2, "pretrained": "none"}, "student": {"epochs": 7}}))
     teacher = parse_config(train_teacher.TeacherConfig, ["--recipe", str(recipe)])
     assert (teacher.folds, teacher.views, teacher.model, teacher.input_size, teacher.epochs) == \
@@ -121,34 +129,37 @@ def test_pipeline_reuses_finished_teachers_of_its_recipe_and_refuses_others(tmp_
     course, root = str(make_course()), tmp_path / "teachers"
     base = ["--data", course, "--teachers-root", str(root), "--no-report", "--work-dir", str(tmp_path / "work"),
             "--out", str(tmp_path / "model.pth")]
-    finished = root / "lite2_224px_f1"
+    finished = root / "lite2_224px_all"  # the default recipe: one teacher per recipe on every image
     finished.mkdir(parents=True)
     cfg = asdict(parse_config(train_teacher.TeacherConfig, pipeline.teacher_argv(
-        parse_config(pipeline.PipelineConfig, base), "lite2_224px", 1)))
+        parse_config(pipeline.PipelineConfig, base), "lite2_224px", -1)))
     (finished / "config.yaml").write_text(yaml.safe_dump(cfg))
     (finished / "teacher.pth").write_bytes(b"x")
     (finished / "checkpoint.pth").write_bytes(b"left by a kill after teacher.pth was written")
     pipeline.main(base)
     outs = [argv[argv.index("--out") + 1] for kind, argv in calls if kind == "teacher"]
-    assert str(finished) not in outs and len(outs) == 5
+    assert outs == [str(root / "lite0_224px_all")]
     assert not (finished / "checkpoint.pth").exists()
 
     (finished / "config.yaml").write_text(yaml.safe_dump({**cfg, "epochs": 8}))
-    with pytest.raises(DataError, match="lite2_224px_f1: a finished teacher of another run.*epochs was 8"):
+    with pytest.raises(DataError, match="lite2_224px_all: a finished teacher of another run.*epochs was 8"):
         pipeline.main(base)
 
 
-def test_heldout_fold_is_never_trained_on_by_teachers_or_student(tmp_path, monkeypatch, make_course):
+@pytest.mark.parametrize("recipe,folds", [("", ["-1", "-1"]), ("fold_teachers.yaml", ["0", "2", "0", "2"])])
+def test_heldout_fold_is_never_trained_on_by_teachers_or_student(tmp_path, monkeypatch, make_course, recipe, folds):
     """--heldout-fold 1 (a nested estimate): no fold-1 teacher, every teacher excludes fold 1, the
-    student and its hard-label control both validate on it, with the same student flags."""
+    student and its hard-label control both validate on it, with the same student flags; for the
+    default recipe's teachers of every image and for fold teachers alike."""
     calls, course = stub_scripts(monkeypatch), str(make_course())
     tables = []
     monkeypatch.setattr(pipeline, "paired_table", lambda fold, pairs, path: tables.append((fold, pairs)))
     root = tmp_path / "teachers"
     pipeline.main(["--data", course, "--teachers-root", str(root), "--no-report", "--heldout-fold", "1",
+                   *(["--recipe", str(ROOT / "recipes" / recipe)] if recipe else []),
                    "--scratch-control", "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "model.pth")])
     teachers = [argv for kind, argv in calls if kind == "teacher"]
-    assert [argv[argv.index("--fold") + 1] for argv in teachers] == ["0", "2", "0", "2"]  # each recipe
+    assert [argv[argv.index("--fold") + 1] for argv in teachers] == folds  # each recipe
     assert all(argv[argv.index("--exclude-folds") + 1] == "1" for argv in teachers)
     student, control = [argv for kind, argv in calls if kind == "distill"]
     for argv in (student, control):
@@ -172,7 +183,7 @@ def test_teacher_split_all_trains_one_teacher_per_recipe_and_distils_from_exactl
     recipe = tmp_path / "all.yaml"
     recipe.write_text(yaml.safe_dump({"teacher_split": "all"}))
     root = tmp_path / "teachers"
-    stale = root / "lite0_224px_f0"  # a fold teacher of the default recipe, from an earlier run
+    stale = root / "lite0_224px_f0"  # a fold teacher of recipes/fold_teachers.yaml, from an earlier run
     stale.mkdir(parents=True)
     (stale / "teacher.pth").write_bytes(b"x")
     pipeline.main(["--data", course, "--recipe", str(recipe), "--teachers-root", str(root), "--no-report",
@@ -189,20 +200,23 @@ def test_teacher_split_all_trains_one_teacher_per_recipe_and_distils_from_exactl
     i = student.index("--teachers")
     assert student[i + 1:i + 3] == expected and student[i + 3].startswith("--")
     assert load_recipe(recipe).teacher_folds(heldout) == [-1]
-    assert load_recipe().teacher_folds(heldout) == [f for f in range(3) if f != heldout]
+    assert load_recipe(ROOT / "recipes" / "fold_teachers.yaml").teacher_folds(heldout) == \
+        [f for f in range(3) if f != heldout]
 
 
-def test_patient_recipe_is_in_sample_teachers_and_twenty_epochs_on_mixed_views(tmp_path):
-    """recipes/patient.yaml (issue 21's nested pairs): one teacher per recipe, the student and its
-    control on 2 + 4 mixed views for 20 epochs; both scripts accept it (PipelineConfig.check)."""
-    path = ROOT / "recipes" / "patient.yaml"
-    recipe = load_recipe(path)
+def test_default_recipe_is_in_sample_teachers_and_twenty_epochs_on_mixed_views(tmp_path):
+    """The default recipe (issue 21's nested pairs): one teacher per recipe, the student and its
+    control on 2 + 4 mixed views for 20 epochs, KD T = 1, alpha = 0.5; the teachers train on the
+    2 plain views; both scripts accept it (PipelineConfig.check)."""
+    recipe = load_recipe()
     assert recipe.teacher_split == "all" and recipe.teacher_folds(0) == [-1]
-    cfg = parse_config(pipeline.PipelineConfig, ["--recipe", str(path), "--heldout-fold", "0", "--scratch-control",
+    assert parse_config(train_teacher.TeacherConfig, []).views == 2
+    cfg = parse_config(pipeline.PipelineConfig, ["--heldout-fold", "0", "--scratch-control",
                                                  "--teachers-root", str(tmp_path / "t")])
     for scratch in (False, True):
         student = parse_config(distill.DistillConfig, pipeline.student_argv(cfg, tmp_path / "w", scratch))
         assert (student.view_kind, student.views, student.epochs, student.scratch) == ("mixed", 6, 20, scratch)
+        assert (student.loss, student.temperature, student.alpha) == ("kd", 1.0, 0.5)
         assert student.teachers == [str(tmp_path / "t" / "lite0_224px_all"), str(tmp_path / "t" / "lite2_224px_all")]
 
 
@@ -318,3 +332,14 @@ def test_heldout_pairs_script_adds_replaces_and_summarises(tmp_path, capsys):
     with pytest.raises(DataError):
         script.main([str(csv), "--add", str(d), str(bad)])
     assert csv.read_text() == before  # nothing written for a refused pair
+
+
+def test_train_teachers_default_fold_follows_the_recipes_split():
+    """`python train_teacher.py` trains a teacher its recipe uses: <name>_all under teacher_split
+    all (the default), fold 0 of the split under teacher_split folds."""
+    default = parse_config(train_teacher.TeacherConfig, [])
+    assert (default.fold, default.out) == (-1, "teachers/lite0_224px_all")
+    folds = parse_config(train_teacher.TeacherConfig, ["--recipe", str(ROOT / "recipes" / "fold_teachers.yaml")])
+    assert (folds.fold, folds.out) == (0, "teachers/lite0_224px_f0")
+    student = parse_config(distill.DistillConfig, ["--recipe", str(ROOT / "recipes" / "fold_teachers.yaml")])
+    assert (student.view_kind, student.views, student.epochs) == ("shift", 2, 10)  # the recipe shipped before

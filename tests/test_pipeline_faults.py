@@ -52,12 +52,13 @@ SENTINEL = b"a previous model.pth"
 def tiny_recipe(root: Path) -> Path:
     arch = write_arch(root / "arch.py")
     recipe = {
-        "folds": 2, "views": 2,
+        "folds": 2, "views": 2, "teacher_split": "folds",  # two fold teachers: a kill between them
         "teachers": ["test_efficientnet@32"],
         "teacher": {"pretrained": "none", "epochs": 2, "batch_size": 8, "frozen_stages": 2, "warmup_epochs": 0.5,
                     "ema_decay": 0.9, "checkpoint_every": 1, "device": "cpu", "trivial_augment": False},
         "student": {"epochs": 2, "batch_size": 8, "lr": 0.3, "warmup_epochs": 0.5, "student_init": "none",
-                    "student_frozen_stages": 0, "arch": str(arch), "checkpoint_every": 1, "device": "cpu"},
+                    "student_frozen_stages": 0, "arch": str(arch), "checkpoint_every": 1, "device": "cpu",
+                    "view_kind": "shift"},
     }
     path = root / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -168,6 +169,72 @@ def test_a_finished_pipeline_run_again_reuses_every_stage(world, reference, caps
     out = run_in_process(pipeline_argv(world, reference.run), reference.run / "cache", capsys)
     assert out.count(": reused (finished earlier)") == 3, out  # 2 teachers + the student
     assert (reference.run / "model.pth").read_bytes() == reference.model
+
+
+# ----------------------------------------------------------------------------------------
+# The default recipe's shape: one teacher of every image, the student on mixed views
+# ----------------------------------------------------------------------------------------
+# point -> the status line the second run prints for the interrupted stage
+KILLS_MIXED = {
+    "teacher_mid_training": ("step:teacher test_efficientnet_32px_all:3",
+                             "=== teacher test_efficientnet_32px all images: resumed from its checkpoint"),
+    "mixed_view_labels": ("replace:view-labels-*:2", "=== distil student: trained"),
+    "student_mid_training": ("step:student:4", "=== distil student: resumed from its checkpoint"),
+}
+
+
+@pytest.fixture(scope="module")
+def mixed_world(world):
+    """The tiny recipe as the default recipe has it: teacher_split all, the student on the
+    image, its mirror and 2 mixed views, each labelled once (view-labels-* caches)."""
+    recipe = yaml.safe_load(world.recipe.read_text())
+    recipe["teacher_split"] = "all"
+    recipe["student"].update(view_kind="mixed", views=4)
+    path = world.root / "mixed-recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    mixed = SimpleNamespace(root=world.root / "mixed", data=world.data, recipe=path)
+    run = mixed.root / "reference"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TOOLKIT_CACHE", str(run / "cache"))
+        pipeline.main(pipeline_argv(mixed, run))
+    mixed.model, mixed.teachers = (run / "model.pth").read_bytes(), teacher_weights(run / "teachers")
+    assert list(mixed.teachers) == ["test_efficientnet_32px_all"] and list((run / "cache").glob("view-labels-*"))
+    return mixed
+
+
+@pytest.fixture(scope="module")
+def killed_mixed(mixed_world):
+    runs = {}
+    try:
+        for name, (point, _) in KILLS_MIXED.items():
+            run = mixed_world.root / "runs" / name
+            run.mkdir(parents=True)
+            (run / "model.pth").write_bytes(SENTINEL)
+            argv = pipeline_argv(mixed_world, run)
+            runs[name] = start_paused(mixed_world, name, point, argv, run / "cache")
+            runs[name].argv, runs[name].run = argv, run
+        for run in runs.values():
+            wait_paused(run)
+            os.kill(run.proc.pid, signal.SIGKILL)
+            assert run.proc.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        for run in runs.values():
+            if run.proc.poll() is None:
+                run.proc.kill()
+                run.proc.wait()
+    return runs
+
+
+@pytest.mark.parametrize("name", list(KILLS_MIXED))
+def test_the_default_recipes_shape_killed_then_run_again_finishes_the_same_model(mixed_world, killed_mixed, name,
+                                                                                 capsys):
+    run = killed_mixed[name]
+    assert (run.run / "model.pth").read_bytes() == SENTINEL
+    out = run_in_process(run.argv, run.run / "cache", capsys)
+    assert KILLS_MIXED[name][1] in out and "Traceback" not in out, out
+    assert (run.run / "model.pth").read_bytes() == mixed_world.model
+    assert teacher_weights(run.run / "teachers") == mixed_world.teachers
+    assert temp_files(run.run) == [] and not list(run.run.rglob("checkpoint.pth"))
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,13 +1,14 @@
 """The recipe: the one definition of what ``./run.sh`` trains, read by all three scripts.
 
 ``train_teacher.py``, ``distill.py`` and ``pipeline.py`` take their defaults from it (through
-``parse_config``): ``python train_teacher.py --fold 0`` trains the recipe's first teacher,
+``parse_config``): ``python train_teacher.py`` trains the recipe's first teacher,
 ``python distill.py`` distils the recipe's student, and the pipeline passes them nothing but
 paths, the fold, the member and the seed. A recipe file (YAML, ``--recipe FILE``) names an
 alternative: it lists only what differs from ``DEFAULT_RECIPE``, in its sections::
 
     folds: 3                      # shared by the teachers' split and the student's
-    views: 2                      # cached views per image, teachers and student alike
+    views: 2                      # cached views per image, teachers and student alike (a section may
+                                  # set its own: the default student has 6)
     teachers:                     # one entry per teacher recipe: MODEL@SIZE[:flag=value,...]
       - efficientnet_lite0@224
       - efficientnet_lite2@260:epochs=8
@@ -103,9 +104,9 @@ class Recipe:
 
     def section(self, which: str) -> dict:
         """Field defaults for one script ('teacher' or 'student'): its section + the shared keys;
-        for the teacher of ``teacher_split: all``, fold -1 (``python train_teacher.py`` trains the
-        recipe's first teacher, ``<name>_all``, not a fold teacher the recipe never uses)."""
-        split = {"fold": -1} if which == "teacher" and self.teacher_split == "all" else {}
+        for the teacher, the fold its split trains first: -1 (``<name>_all``) under ``teacher_split:
+        all``, else 0, so that ``python train_teacher.py`` trains a teacher the recipe uses."""
+        split = {"fold": -1 if self.teacher_split == "all" else 0} if which == "teacher" else {}
         return {**{k: getattr(self, k) for k in SHARED}, **split, **getattr(self, which)}
 
     def as_yaml_dict(self) -> dict:
@@ -148,7 +149,8 @@ def _read_file(path: str, mtime_ns: int) -> dict:
 def load_recipe(path: str | Path | None = None) -> Recipe:
     """``DEFAULT_RECIPE``, with what a recipe file at ``path`` changes (None or '': unchanged).
     RecipeError naming the file and key for an unknown section or a value of the wrong form
-    (the field values themselves are checked by the script that reads them)."""
+    (the field values themselves are checked by the script that reads them). A top-level shared
+    key of the file (``folds``, ``views``) replaces that key in the default's sections too."""
     values = copy.deepcopy(DEFAULT_RECIPE)
     source = "the default recipe"
     if path:
@@ -159,6 +161,9 @@ def load_recipe(path: str | Path | None = None) -> Recipe:
         unknown = sorted(set(map(str, raw)) - set(SECTIONS))
         if unknown:
             raise RecipeError(f"{p}: unknown keys {unknown} (a recipe has {', '.join(SECTIONS)})")
+        for key in SHARED:  # a file's top-level `views: 3` means both scripts, whatever the default's sections say
+            if key in raw:
+                values["teacher"].pop(key, None), values["student"].pop(key, None)
         for key in ("teacher", "student"):
             if key in raw and not isinstance(raw[key], dict):
                 raise RecipeError(f"{p}: {key}: expected a mapping of field: value")
