@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = ROOT.parent / "shared" / "data" / "training_data"
 TINY = "test_efficientnet"  # timm's ~100k-parameter test model: stem + 5 stages
 CLASSES = {"book": (200, 40, 40), "car": (40, 200, 40), "cat": (40, 40, 200)}  # learnable by colour
-# 36 images -> fold 0 of 5 (the default recipe's teacher trains on every image: --fold 0 pinned) holds 8 val images, 28 train: batches of 8, 8, 8, 4 per epoch
+# --fold 0 pinned: the default recipe's teacher trains on every image, these tests need a val fold
+# 36 images -> fold 0 of 5 holds 8 val images, 28 train: batches of 8, 8, 8, 4 per epoch
 TINY_ARGS = ["--model", TINY, "--pretrained", "none", "--input-size", "32", "--batch-size", "8",
              "--lr", "0.1", "--no-amp", "--device", "cpu", "--folds", "5", "--fold", "0", "--views", "8"]
 STEPS_PER_EPOCH = 4

@@ -40,8 +40,8 @@ from .config import ConfigError
 #    points; Lite2 adds a point and diversity), stem + 5 stages frozen and their features
 #    computed once for `views` views (the plain image and its mirror);
 #  * one teacher per recipe on every image (teacher_split: all): its targets on the student's
-#    images are in-sample, but on the nested pairs that did not hurt, and it trains one head per
-#    recipe instead of 3 fold heads, which pays for the student's longer schedule;
+#    images are in-sample (with mixed views that still won every nested pair below), and it
+#    trains one head per recipe instead of 3 fold heads, which pays for the longer schedule;
 #  * patient and consistent distillation (issue 21; Beyer et al. 2022): besides the plain image
 #    and its mirror, 4 random resized crops per image, each mixed with another image by CutMix
 #    or mixup and labelled once by the ensemble on exactly that mix; KD T = 1, alpha = 0.5;
