@@ -269,6 +269,19 @@ def kill_when_paused(proc, marker: Path, timeout: float = 240.0) -> None:
     assert proc.wait(timeout=60) == -signal.SIGKILL
 
 
+def kill_runs_when_paused(runs) -> None:
+    """SIGKILL each run (``.proc``, ``.marker``) once it reaches its point; if anything fails on
+    the way, no run is left alive."""
+    try:
+        for run in runs:
+            kill_when_paused(run.proc, run.marker)
+    finally:
+        for run in runs:
+            if run.proc.poll() is None:
+                run.proc.kill()
+                run.proc.wait()
+
+
 @contextlib.contextmanager
 def tiny_world(root: Path, trunk_teacher: bool = False):
     """A data folder, a 3-class student arch and three fold teachers (folds=3) under ``root``,

@@ -16,7 +16,7 @@ import train_teacher
 from toolkit.config import ConfigError, parse_config
 from toolkit.data import DataError
 from toolkit.engine import RESUME_IRRELEVANT
-from toolkit.recipe import DEFAULT_RECIPE, RecipeError, load_recipe, parse_member
+from toolkit.recipe import DEFAULT_RECIPE, RecipeError, fold_suffix, load_recipe, parse_member
 
 ROOT = Path(__file__).resolve().parents[1]
 # what the pipeline may tell the scripts: where things are, which fold and member, which seed
@@ -72,12 +72,11 @@ def test_train_teacher_trains_exactly_the_committed_teachers():
     all): `python train_teacher.py` trains exactly teachers/lite0_224px_all, and `--member` names the
     others (same config, except the fields that never change the result)."""
     recipe = load_recipe()
-    folders = sorted((ROOT / "teachers").iterdir())
-    assert [f.name for f in folders] == sorted(name + ("_all" if fold < 0 else f"_f{fold}")
-                                               for name, _ in recipe.members() for fold in recipe.teacher_folds())
-    for folder in folders:
-        name, _, fold = folder.name.rpartition("_")
-        argv = ([] if fold == "all" else ["--fold", fold.removeprefix("f")]) + \
+    teachers = [(name, fold) for name, _ in recipe.members() for fold in recipe.teacher_folds()]
+    assert sorted(f.name for f in (ROOT / "teachers").iterdir()) == sorted(n + fold_suffix(f) for n, f in teachers)
+    for name, fold in teachers:
+        folder = ROOT / "teachers" / (name + fold_suffix(fold))
+        argv = (["--fold", str(fold)] if fold >= 0 else []) + \
             (["--member", name] if name != recipe.members()[0][0] else [])
         cfg = asdict(parse_config(train_teacher.TeacherConfig, argv))
         assert cfg["out"] == f"teachers/{folder.name}"

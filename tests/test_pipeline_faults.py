@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ import yaml
 
 import pipeline
 import helpers_distill
-from helpers_distill import ROOT, make_course_folder, start_paused_run, write_arch
+from helpers_distill import ROOT, kill_runs_when_paused, make_course_folder, start_paused_run, write_arch
 from toolkit.cli import run_main
 from toolkit.locks import RunLockedError, hold_locks, lock_path
 
@@ -124,28 +123,26 @@ def teacher_weights(root: Path) -> dict[str, bytes]:
             for p in root.rglob("teacher.pth")}
 
 
-@pytest.fixture(scope="module")
-def killed(world):
-    """Every kill case at once (their start-ups overlap), each in its own folders and cache."""
+def kill_at_points(world, kills: dict, report=()) -> dict:
+    """Every kill case of ``kills`` at once (their start-ups overlap), each in its own folders and
+    cache, SIGKILLed at its point; ``report``: the cases that run the report too."""
     runs = {}
     try:
-        for name, (point, _) in KILLS.items():
+        for name, (point, _) in kills.items():
             run = world.root / "runs" / name
             run.mkdir(parents=True)
             (run / "model.pth").write_bytes(SENTINEL)  # a previous model: replaced only by a finished student
-            argv = pipeline_argv(world, run, report=name == "report")
+            argv = pipeline_argv(world, run, report=name in report)
             runs[name] = start_paused(world, name, point, argv, run / "cache")
             runs[name].argv, runs[name].run = argv, run
-        for run in runs.values():
-            wait_paused(run)
-            os.kill(run.proc.pid, signal.SIGKILL)
-            assert run.proc.wait(timeout=60) == -signal.SIGKILL
     finally:
-        for run in runs.values():
-            if run.proc.poll() is None:
-                run.proc.kill()
-                run.proc.wait()
+        kill_runs_when_paused(list(runs.values()))
     return runs
+
+
+@pytest.fixture(scope="module")
+def killed(world):
+    return kill_at_points(world, KILLS, report={"report"})
 
 
 @pytest.mark.parametrize("name", list(KILLS))
@@ -204,25 +201,7 @@ def mixed_world(world):
 
 @pytest.fixture(scope="module")
 def killed_mixed(mixed_world):
-    runs = {}
-    try:
-        for name, (point, _) in KILLS_MIXED.items():
-            run = mixed_world.root / "runs" / name
-            run.mkdir(parents=True)
-            (run / "model.pth").write_bytes(SENTINEL)
-            argv = pipeline_argv(mixed_world, run)
-            runs[name] = start_paused(mixed_world, name, point, argv, run / "cache")
-            runs[name].argv, runs[name].run = argv, run
-        for run in runs.values():
-            wait_paused(run)
-            os.kill(run.proc.pid, signal.SIGKILL)
-            assert run.proc.wait(timeout=60) == -signal.SIGKILL
-    finally:
-        for run in runs.values():
-            if run.proc.poll() is None:
-                run.proc.kill()
-                run.proc.wait()
-    return runs
+    return kill_at_points(mixed_world, KILLS_MIXED)
 
 
 @pytest.mark.parametrize("name", list(KILLS_MIXED))

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import distill
-from helpers_distill import (ROOT, distill_argv, file_bytes, kill_when_paused, make_course_folder, read_state,
+from helpers_distill import (ROOT, distill_argv, file_bytes, kill_runs_when_paused, make_course_folder, read_state,
                              start_paused_run, student_state, tiny_world, tmp_files, build_tiny_teacher,
                              write_arch)
 from toolkit.engine import CHECKPOINT, NonFiniteLossError
@@ -192,14 +192,7 @@ def killed_runs(world):
         proc, marker = start_paused_run(tmp, point, argv, world.cache)
         runs[name] = SimpleNamespace(proc=proc, marker=marker, out=out, work=work, argv=argv,
                                      sentinel=sentinel, sentinel_bytes=out.read_bytes())
-    try:
-        for run in runs.values():
-            kill_when_paused(run.proc, run.marker)
-    finally:
-        for run in runs.values():
-            if run.proc.poll() is None:
-                run.proc.kill()
-                run.proc.wait()
+    kill_runs_when_paused(list(runs.values()))
     return runs
 
 
