@@ -163,7 +163,8 @@ def load_recipe(path: str | Path | None = None) -> Recipe:
             raise RecipeError(f"{p}: unknown keys {unknown} (a recipe has {', '.join(SECTIONS)})")
         for key in SHARED:  # a file's top-level `views: 3` means both scripts, whatever the default's sections say
             if key in raw:
-                values["teacher"].pop(key, None), values["student"].pop(key, None)
+                for section in ("teacher", "student"):
+                    values[section].pop(key, None)
         for key in ("teacher", "student"):
             if key in raw and not isinstance(raw[key], dict):
                 raise RecipeError(f"{p}: {key}: expected a mapping of field: value")
