@@ -1,5 +1,10 @@
 """Fold-0 accuracy of single teachers and of equal-weight probability-mean ensembles of them.
-Every teacher given must hold out fold 0 of the seed-0 5-fold split (checked)."""
+
+    python scripts/ensemble_fold0.py --folds 3 teachers/lite0_224px_f0 teachers/lite2_224px_f0
+
+Every teacher given must hold out fold 0 of the seed-0 k-fold split (checked; 5 folds unless said).
+"""
+import argparse
 import itertools
 import os
 import sys
@@ -11,16 +16,29 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from toolkit.data import load_course_folder  # noqa: E402
 from toolkit.splits import stratified_folds  # noqa: E402
 from toolkit.teachers import load_teacher  # noqa: E402
+from toolkit.backbones import TeacherError  # noqa: E402
 from toolkit.ensemble import identity_view_logits, teacher_saw  # noqa: E402
 
-data = load_course_folder("../shared/data/training_data", progress=False)
-folds = stratified_folds(data.labels, 5, 0)
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+parser.add_argument("teachers", nargs="+")
+parser.add_argument("--data", default="../shared/data/training_data")
+parser.add_argument("--folds", type=int, default=5, help="k of the seed-0 k-fold split [>= 2]")
+args = parser.parse_args()
+if args.folds < 2:
+    sys.exit(f"error: --folds {args.folds}: a split needs at least 2 folds")
+
+data = load_course_folder(args.data, progress=False)
+folds = stratified_folds(data.labels, args.folds, 0)
 val = (folds == 0).nonzero().flatten()
 y = data.labels[val]
 names, logp = [], []
-for folder in sys.argv[1:]:
-    t = load_teacher(folder)
-    assert not teacher_saw(t, folds, data.labels)[val].any(), f"{folder} trained on fold 0"
+for folder in args.teachers:
+    try:
+        t = load_teacher(folder)
+    except TeacherError as e:
+        sys.exit(f"error: {e}")
+    if teacher_saw(t, folds, data.labels)[val].any():
+        sys.exit(f"error: {folder}: trained on images of fold 0 of the {args.folds}-fold split")
     lp = identity_view_logits(t, data.rgb, data.fingerprint, images=val).log_softmax(-1)
     names.append(folder.rstrip('/').split('/')[-1])
     logp.append(lp)
