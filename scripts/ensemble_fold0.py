@@ -31,14 +31,16 @@ data = load_course_folder(args.data, progress=False)
 folds = stratified_folds(data.labels, args.folds, 0)
 val = (folds == 0).nonzero().flatten()
 y = data.labels[val]
-names, logp = [], []
-for folder in args.teachers:
+teachers = {}
+for folder in args.teachers:  # every teacher loaded and checked before the first is scored
     try:
-        t = load_teacher(folder)
+        teachers[folder] = load_teacher(folder)
     except TeacherError as e:
         sys.exit(f"error: {e}")
-    if teacher_saw(t, folds, data.labels)[val].any():
+    if teacher_saw(teachers[folder], folds, data.labels)[val].any():
         sys.exit(f"error: {folder}: trained on images of fold 0 of the {args.folds}-fold split")
+names, logp = [], []
+for folder, t in teachers.items():
     lp = identity_view_logits(t, data.rgb, data.fingerprint, images=val).log_softmax(-1)
     names.append(folder.rstrip('/').split('/')[-1])
     logp.append(lp)
