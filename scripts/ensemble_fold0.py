@@ -13,41 +13,44 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from toolkit.data import load_course_folder  # noqa: E402
+from toolkit.data import DataError, load_course_folder  # noqa: E402
 from toolkit.splits import stratified_folds  # noqa: E402
 from toolkit.teachers import load_teacher  # noqa: E402
-from toolkit.backbones import TeacherError  # noqa: E402
+from toolkit.cli import run_main  # noqa: E402
+from toolkit.config import ConfigError  # noqa: E402
 from toolkit.ensemble import identity_view_logits, teacher_saw  # noqa: E402
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-parser.add_argument("teachers", nargs="+")
-parser.add_argument("--data", default="../shared/data/training_data")
-parser.add_argument("--folds", type=int, default=5, help="k of the seed-0 k-fold split [>= 2]")
-args = parser.parse_args()
-if args.folds < 2:
-    sys.exit(f"error: --folds {args.folds}: a split needs at least 2 folds")
 
-data = load_course_folder(args.data, progress=False)
-folds = stratified_folds(data.labels, args.folds, 0)
-val = (folds == 0).nonzero().flatten()
-y = data.labels[val]
-teachers = {}
-for folder in args.teachers:  # every teacher loaded and checked before the first is scored
-    try:
-        teachers[folder] = load_teacher(folder)
-    except TeacherError as e:
-        sys.exit(f"error: {e}")
-    if teacher_saw(teachers[folder], folds, data.labels)[val].any():
-        sys.exit(f"error: {folder}: trained on images of fold 0 of the {args.folds}-fold split")
-names, logp = [], []
-for folder, t in teachers.items():
-    lp = identity_view_logits(t, data.rgb, data.fingerprint, images=val).log_softmax(-1)
-    names.append(folder.rstrip('/').split('/')[-1])
-    logp.append(lp)
-    print(f"{names[-1]:<28} acc {(lp.argmax(1)==y).float().mean():.4f} nll {F.nll_loss(lp,y):.3f}", flush=True)
-logp = torch.stack(logp)
-for r in range(2, len(names) + 1):
-    for combo in itertools.combinations(range(len(names)), r):
-        mixed = torch.logsumexp(logp[list(combo)], 0) - torch.log(torch.tensor(float(r)))
-        print(f"ens {'+'.join(names[i] for i in combo):<60} acc {(mixed.argmax(1)==y).float().mean():.4f} "
-              f"nll {F.nll_loss(mixed,y):.3f}")
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("teachers", nargs="+")
+    parser.add_argument("--data", default="../shared/data/training_data")
+    parser.add_argument("--folds", type=int, default=5, help="k of the seed-0 k-fold split [>= 2]")
+    args = parser.parse_args(argv)
+    if args.folds < 2:
+        raise ConfigError(f"--folds {args.folds}: a split needs at least 2 folds")
+
+    data = load_course_folder(args.data, progress=False)
+    folds = stratified_folds(data.labels, args.folds, 0)
+    val = (folds == 0).nonzero().flatten()
+    y = data.labels[val]
+    teachers = {folder: load_teacher(folder) for folder in args.teachers}  # all checked before any is scored
+    for folder, t in teachers.items():
+        if teacher_saw(t, folds, data.labels)[val].any():
+            raise DataError(f"{folder}: trained on images of fold 0 of the {args.folds}-fold split")
+    names, logp = [], []
+    for folder, t in teachers.items():
+        lp = identity_view_logits(t, data.rgb, data.fingerprint, images=val).log_softmax(-1)
+        names.append(folder.rstrip('/').split('/')[-1])
+        logp.append(lp)
+        print(f"{names[-1]:<28} acc {(lp.argmax(1)==y).float().mean():.4f} nll {F.nll_loss(lp,y):.3f}", flush=True)
+    logp = torch.stack(logp)
+    for r in range(2, len(names) + 1):
+        for combo in itertools.combinations(range(len(names)), r):
+            mixed = torch.logsumexp(logp[list(combo)], 0) - torch.log(torch.tensor(float(r)))
+            print(f"ens {'+'.join(names[i] for i in combo):<60} acc {(mixed.argmax(1)==y).float().mean():.4f} "
+                  f"nll {F.nll_loss(mixed,y):.3f}")
+
+
+if __name__ == "__main__":
+    run_main(main, resume_hint="run it again (nothing is written)")
