@@ -30,11 +30,11 @@ def main(argv=None):
     if args.folds < 2:
         raise ConfigError(f"--folds {args.folds}: a split needs at least 2 folds")
 
+    teachers = {folder: load_teacher(folder) for folder in args.teachers}  # all checked before any work
     data = load_course_folder(args.data, progress=False)
     folds = stratified_folds(data.labels, args.folds, 0)
     val = (folds == 0).nonzero().flatten()
     y = data.labels[val]
-    teachers = {folder: load_teacher(folder) for folder in args.teachers}  # all checked before any is scored
     for folder, t in teachers.items():
         if teacher_saw(t, folds, data.labels)[val].any():
             raise DataError(f"{folder}: trained on images of fold 0 of the {args.folds}-fold split")

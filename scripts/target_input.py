@@ -16,42 +16,54 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from toolkit.data import load_course_folder  # noqa: E402
+from toolkit.cli import run_main  # noqa: E402
+from toolkit.config import ConfigError  # noqa: E402
+from toolkit.data import DataError, load_course_folder  # noqa: E402
 from toolkit.ensemble import teacher_saw  # noqa: E402
 from toolkit.mixviews import identity_views, teacher_mixed_logits  # noqa: E402
 from toolkit.splits import stratified_folds  # noqa: E402
 from toolkit.teachers import load_teacher  # noqa: E402
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-parser.add_argument("teachers", nargs="+")
-parser.add_argument("--data", default="../shared/data/training_data")
-parser.add_argument("--folds", type=int, default=3)
-parser.add_argument("--val-fold", type=int, default=0)
-parser.add_argument("--inputs", nargs="+", default=["rgb", "grey"], choices=["rgb", "grey"])
-args = parser.parse_args()
 
-data = load_course_folder(args.data, progress=False)
-folds = stratified_folds(data.labels, args.folds, 0)
-val = (folds == args.val_fold).nonzero().flatten()
-y = data.labels[val]
-teachers = [load_teacher(f) for f in args.teachers]
-for folder, t in zip(args.teachers, teachers):
-    if teacher_saw(t, folds, data.labels)[val].any():
-        sys.exit(f"error: {folder}: trained on images of fold {args.val_fold}")
-
-
-def describe(log_p):
+def describe(log_p, y):
     p = log_p.exp()
     return (f"acc {(log_p.argmax(1) == y).float().mean():.4f}  nll {F.nll_loss(log_p, y):.3f}  "
             f"entropy {-(p * log_p).sum(1).mean():.3f}")
 
 
-plain = identity_views(len(data), 1)
-for kind in args.inputs:
-    images = data.rgb if kind == "rgb" else data.grey
-    log_ps = []
-    for folder, t in zip(args.teachers, teachers):
-        log_ps.append(teacher_mixed_logits(t, images, plain, val, kind, data.fingerprint)[:, 0].float().log_softmax(1))
-        print(f"{kind:<5} {os.path.basename(folder.rstrip('/')):<22} {describe(log_ps[-1])}", flush=True)
-    ensemble = torch.logsumexp(torch.stack(log_ps), 0) - torch.log(torch.tensor(float(len(log_ps))))
-    print(f"{kind:<5} {'ensemble':<22} {describe(ensemble)}  ({len(val)} images)", flush=True)
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("teachers", nargs="+")
+    parser.add_argument("--data", default="../shared/data/training_data")
+    parser.add_argument("--folds", type=int, default=3, help="k of the seed-0 k-fold split [>= 2]")
+    parser.add_argument("--val-fold", type=int, default=0, help="the held-out fold [0, folds)")
+    parser.add_argument("--inputs", nargs="+", default=["rgb", "grey"], choices=["rgb", "grey"])
+    args = parser.parse_args(argv)
+    if args.folds < 2:
+        raise ConfigError(f"--folds {args.folds}: a split needs at least 2 folds")
+    if not 0 <= args.val_fold < args.folds:
+        raise ConfigError(f"--val-fold {args.val_fold}: a {args.folds}-fold split has folds 0..{args.folds - 1}")
+
+    teachers = {folder: load_teacher(folder) for folder in args.teachers}  # all checked before any work
+    data = load_course_folder(args.data, progress=False)
+    folds = stratified_folds(data.labels, args.folds, 0)
+    val = (folds == args.val_fold).nonzero().flatten()
+    y = data.labels[val]
+    for folder, t in teachers.items():
+        if teacher_saw(t, folds, data.labels)[val].any():
+            raise DataError(f"{folder}: trained on images of fold {args.val_fold} of the {args.folds}-fold split")
+
+    plain = identity_views(len(data), 1)
+    for kind in args.inputs:
+        images = data.rgb if kind == "rgb" else data.grey
+        log_ps = []
+        for folder, t in teachers.items():
+            logits = teacher_mixed_logits(t, images, plain, val, kind, data.fingerprint)[:, 0]
+            log_ps.append(logits.float().log_softmax(1))
+            print(f"{kind:<5} {os.path.basename(folder.rstrip('/')):<22} {describe(log_ps[-1], y)}", flush=True)
+        ensemble = torch.logsumexp(torch.stack(log_ps), 0) - torch.log(torch.tensor(float(len(log_ps))))
+        print(f"{kind:<5} {'ensemble':<22} {describe(ensemble, y)}  ({len(val)} images)", flush=True)
+
+
+if __name__ == "__main__":
+    run_main(main, resume_hint="run it again (the labels computed so far are cached)")

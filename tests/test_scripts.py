@@ -1,0 +1,90 @@
+"""The held-out teacher checks in scripts/ (ensemble_fold0.py, target_input.py): they score the
+right teachers, and bad input (a missing teacher or data folder, a teacher that trained on the
+fold, flags out of range) ends in one line naming the culprit before anything is scored."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+
+from helpers_distill import ROOT, build_tiny_teacher, make_course_folder
+from toolkit.cli import run_main
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SCRIPTS = ("ensemble_fold0", "target_input")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scripts")
+    data = make_course_folder(root / "data")
+    held = [build_tiny_teacher(root / f"held{s}", config={"fold": 0}, seed=s) for s in range(2)]
+    saw = build_tiny_teacher(root / "all", config={"fold": -1})
+    return root, data, held, saw
+
+
+def run(script: str, argv: list[str], capsys) -> tuple[int, str, str]:
+    """-> (exit code, stdout, stderr) of the script's main run as its command line runs it."""
+    code = 0
+    try:
+        run_main(load_script(script).main, argv)
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_both_scripts_score_held_out_teachers_and_their_ensemble(folders, cache_dir, capsys):
+    root, data, held, _ = folders
+    code, out, err = run("ensemble_fold0", ["--folds", "3", "--data", str(data), *map(str, held)], capsys)
+    assert code == 0, err
+    assert [line.split()[0] for line in out.splitlines()] == ["held0", "held1", "ens"]
+    code, out, err = run("target_input", ["--data", str(data), *map(str, held)], capsys)
+    assert code == 0, err
+    rows = [line.split()[:2] for line in out.splitlines()]
+    assert rows == [[kind, name] for kind in ("rgb", "grey") for name in ("held0", "held1", "ensemble")]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_teacher_that_trained_on_the_fold_is_refused_before_scoring(script, folders, cache_dir, capsys):
+    root, data, held, saw = folders
+    code, out, err = run(script, ["--folds", "3", "--data", str(data), str(held[0]), str(saw)], capsys)
+    assert code == 1 and out == ""
+    assert err.strip().count("\n") == 0 and str(saw) in err and "trained on images of fold 0" in err
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_missing_teacher_is_named_before_the_data_is_read(script, folders, cache_dir, capsys):
+    root, data, held, _ = folders
+    missing = root / "no_such_teacher"
+    code, out, err = run(script, ["--data", str(root / "no_such_data"), str(held[0]), str(missing)], capsys)
+    assert code == 1 and out == ""
+    assert err.strip().count("\n") == 0 and str(missing) in err and "no_such_data" not in err
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_missing_data_folder_is_one_line(script, folders, cache_dir, capsys):
+    root, data, held, _ = folders
+    code, out, err = run(script, ["--data", str(root / "no_such_data"), str(held[0])], capsys)
+    assert code == 1 and out == ""
+    assert err.strip().count("\n") == 0 and "no_such_data" in err
+
+
+@pytest.mark.parametrize("script, flags", [("ensemble_fold0", ["--folds", "1"]), ("target_input", ["--folds", "1"]),
+                                           ("target_input", ["--folds", "3", "--val-fold", "3"]),
+                                           ("target_input", ["--val-fold", "-1"])])
+def test_flags_out_of_range_are_config_errors(script, flags, folders, cache_dir, capsys):
+    root, data, held, _ = folders
+    code, out, err = run(script, [*flags, "--data", str(data), str(held[0])], capsys)
+    assert code == 2 and out == ""
+    assert err.strip().count("\n") == 0 and flags[-2] in err
