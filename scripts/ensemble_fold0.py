@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from toolkit.data import DataError, load_course_folder  # noqa: E402
-from toolkit.splits import stratified_folds  # noqa: E402
+from toolkit.data import load_course_folder  # noqa: E402
+from toolkit.splits import check_teachers_held_out, fold_split  # noqa: E402
 from toolkit.teachers import load_teacher  # noqa: E402
 from toolkit.cli import run_main  # noqa: E402
 from toolkit.config import ConfigError  # noqa: E402
-from toolkit.ensemble import identity_view_logits, teacher_saw  # noqa: E402
+from toolkit.ensemble import identity_view_logits  # noqa: E402
 
 
 def main(argv=None):
@@ -32,12 +32,9 @@ def main(argv=None):
 
     teachers = {folder: load_teacher(folder) for folder in args.teachers}  # all checked before any work
     data = load_course_folder(args.data, progress=False)
-    folds = stratified_folds(data.labels, args.folds, 0)
-    val = (folds == 0).nonzero().flatten()
+    folds, _, val = fold_split(data.labels, args.folds, 0, 0)
+    check_teachers_held_out(teachers, folds, data.labels, 0)
     y = data.labels[val]
-    for folder, t in teachers.items():
-        if teacher_saw(t, folds, data.labels)[val].any():
-            raise DataError(f"{folder}: trained on images of fold 0 of the {args.folds}-fold split")
     names, logp = [], []
     for folder, t in teachers.items():
         lp = identity_view_logits(t, data.rgb, data.fingerprint, images=val).log_softmax(-1)

@@ -18,10 +18,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from toolkit.cli import run_main  # noqa: E402
 from toolkit.config import ConfigError  # noqa: E402
-from toolkit.data import DataError, load_course_folder  # noqa: E402
-from toolkit.ensemble import teacher_saw  # noqa: E402
+from toolkit.data import load_course_folder  # noqa: E402
 from toolkit.mixviews import identity_views, teacher_mixed_logits  # noqa: E402
-from toolkit.splits import stratified_folds  # noqa: E402
+from toolkit.splits import check_teachers_held_out, fold_split  # noqa: E402
 from toolkit.teachers import load_teacher  # noqa: E402
 
 
@@ -46,12 +45,9 @@ def main(argv=None):
 
     teachers = {folder: load_teacher(folder) for folder in args.teachers}  # all checked before any work
     data = load_course_folder(args.data, progress=False)
-    folds = stratified_folds(data.labels, args.folds, 0)
-    val = (folds == args.val_fold).nonzero().flatten()
+    folds, _, val = fold_split(data.labels, args.folds, 0, args.val_fold)
+    check_teachers_held_out(teachers, folds, data.labels, args.val_fold)
     y = data.labels[val]
-    for folder, t in teachers.items():
-        if teacher_saw(t, folds, data.labels)[val].any():
-            raise DataError(f"{folder}: trained on images of fold {args.val_fold} of the {args.folds}-fold split")
 
     plain = identity_views(len(data), 1)
     for kind in args.inputs:

@@ -132,6 +132,15 @@ def teacher_saw(teacher, folds: torch.Tensor, labels: torch.Tensor | None = None
     return ~torch.isin(folds, torch.tensor(sorted(held_out)))
 
 
+def check_teachers_held_out(teachers: dict, folds: torch.Tensor, labels: torch.Tensor, val_fold: int) -> None:
+    """Refuse (DataError naming the folder) the first of ``teachers`` ({folder: teacher}) that
+    trained on any image of fold ``val_fold``: its score there would be no held-out figure."""
+    val_idx = (folds == val_fold).nonzero().flatten()
+    for folder, teacher in teachers.items():
+        if teacher_saw(teacher, folds, labels)[val_idx].any():
+            raise DataError(f"{folder}: trained on images of fold {val_fold} of the {int(folds.max()) + 1}-fold split")
+
+
 def val_seen_by_teachers(teachers: list, folds: torch.Tensor, labels: torch.Tensor,
                          val_idx: torch.Tensor) -> int:
     """How many val images some teacher trained on (each teacher's own k-fold, from its config),
