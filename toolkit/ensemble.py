@@ -19,7 +19,8 @@ from .augment import apply_views, sample_view_params
 from .backbones import TeacherError
 from .ensemble_fit import fit_weights, greedy_selection, recipe_groups, recipe_oof_log_probs, recipe_weight_matrix
 from .splits import teacher_saw, val_seen_by_teachers
-from .teachers import TEACHER_FILE, Teacher, find_teacher_folders, load_teacher, predict_logits
+from .fastpass import frozen_runner
+from .teachers import TEACHER_FILE, Teacher, find_teacher_folders, load_teacher, predict_logits, teacher_runner
 from .trunk import (TrunkSplit, own_trunk_blob, rebuild_own_trunk_cache, stored_trunk_features, trunk_cache_path,
                     trunk_identity, view_trunk_features)
 
@@ -123,16 +124,19 @@ def teacher_view_logits(teacher: Teacher, rgb_u8: torch.Tensor, view_params: tor
     if features is not None:
         split = TrunkSplit(teacher.backbone, teacher.config["frozen_stages"]).eval()
         flat = features.flatten(0, 1)
-        logits = [split.head(flat[i:i + batch_size].float().to(device)).float().cpu()
+        head = frozen_runner(split.head_module(), flat[:4].float().to(device),
+                             f"{getattr(teacher, 'folder', teacher.model_name)} (head)", device) if len(flat) else None
+        logits = [head(flat[i:i + batch_size].float().to(device)).float().cpu()
                   for i in tqdm(range(0, n * k, batch_size),
                                 desc=f"targets {Path(getattr(teacher, 'folder', '')).name} (cached trunk)",
                                 leave=False)]
         out = torch.cat(logits).view(n, k, -1) if logits else out
-    else:
+    elif n:
+        run = teacher_runner(teacher, rgb_u8, device)
         for j in range(k):
             for i in tqdm(range(0, n, batch_size), desc=f"targets view {j + 1}/{k}", leave=False):
                 views = apply_views(rgb_u8[i:i + batch_size], view_params[i:i + batch_size, j].long())
-                out[i:i + batch_size, j] = teacher(views.to(device)).float().cpu()
+                out[i:i + batch_size, j] = run(views.to(device)).float().cpu()
     if images is None:
         return out
     full = torch.zeros((n_all, k, len(teacher.classes)))

@@ -196,6 +196,7 @@ def teacher_mixed_logits(teacher, images_u8: torch.Tensor, params: torch.Tensor,
     from tqdm import tqdm
     from .files import sha256_file
     from .io import atomic_save
+    from .teachers import teacher_runner
     from .trunk import trunk_cache_path
     if target_input not in ("rgb", "grey"):
         raise ValueError(f"target_input must be rgb or grey, got {target_input!r}")
@@ -215,11 +216,14 @@ def teacher_mixed_logits(teacher, images_u8: torch.Tensor, params: torch.Tensor,
                 continue
             except Exception:
                 pass  # a corrupt cache file is recomputed and rewritten
-        out = []
+        out, run = [], None
         label = f"{desc or 'labelling'}, view {j + 1}/{params.shape[1]}"
         for start in tqdm(range(0, len(rows), batch_size), desc=label, unit="batch", leave=False):
             views = render_views(images_u8, rows[start:start + batch_size], column[start:start + batch_size])
-            out.append(teacher(views.expand(-1, 3, -1, -1).to(device)).float().cpu())
+            views = views.expand(-1, 3, -1, -1).to(device)
+            if run is None:  # ONNX Runtime when it can, checked against torch on this first batch
+                run = teacher_runner(teacher, views, device)
+            out.append(run(views).float().cpu())
         columns.append(torch.cat(out).half())
         if save:
             try:

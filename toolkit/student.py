@@ -155,12 +155,16 @@ def student_log_probs(model: torch.nn.Module, grey_u8: torch.Tensor, num_classes
                       batch_size: int = 256, arch: str | Path = "architecture.py") -> torch.Tensor:
     """Student on the server's input (grey uint8 / 255, float32) -> (N, C) log-probabilities."""
     from tqdm import tqdm
+    from .export import ExportWrapper
+    from .fastpass import frozen_runner
     model.eval()
-    outs = []
+    outs, run = [], None
     for i in tqdm(range(0, len(grey_u8), batch_size), desc="student predictions", unit="batch", leave=False):
         x = grey_u8[i:i + batch_size].float() / 255
+        if run is None:  # ONNX Runtime when it can (checked against torch on x[:4]); else the model itself
+            run = frozen_runner(ExportWrapper(model), x[:4], f"{arch} (student)", fallback=model)
         try:
-            out = model(x)
+            out = run(x)
         except Exception as err:
             raise ContractError(f"{arch}: forward pass failed on input {tuple(x.shape)} "
                                 f"({type(err).__name__}: {err})") from None

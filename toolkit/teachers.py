@@ -120,12 +120,32 @@ def find_teacher_folders(root: str | Path = "teachers") -> list[Path]:
     return sorted(p.parent for p in root.rglob(TEACHER_FILE))
 
 
+def teacher_runner(teacher: Teacher, example_rgb: torch.Tensor, device: str | torch.device = "cpu"):
+    """A function equal to ``teacher`` in eval mode (RGB view -> logits): the input conversion in
+    torch, the backbone through ``fastpass.frozen_runner`` (ONNX Runtime when it can), checked
+    against torch on the first images of ``example_rgb``."""
+    from .fastpass import frozen_runner
+    teacher.eval()
+    name = str(getattr(teacher, "folder", None) or teacher.model_name)
+    backbone = frozen_runner(teacher.backbone, teacher.prepare(example_rgb[:4].to(device)), name, device)
+    return lambda rgb: backbone(teacher.prepare(rgb))
+
+
 @torch.no_grad()
 def predict_logits(module: nn.Module, rgb_u8: torch.Tensor, batch_size: int = 256,
                    device: str | torch.device = "cpu") -> torch.Tensor:
-    """Run ``module`` (teacher or ensemble) over (N, 3, 100, 100) uint8 -> (N, C) float32."""
+    """Run ``module`` (a teacher, or an ensemble: its members, then its combination) over
+    (N, 3, 100, 100) uint8 -> (N, C) float32; teachers through ``teacher_runner``."""
     from tqdm import tqdm
     module.eval()
-    out = [module(rgb_u8[i:i + batch_size].to(device)).float().cpu()
-           for i in tqdm(range(0, len(rgb_u8), batch_size), desc="teacher predictions", unit="batch", leave=False)]
-    return torch.cat(out) if out else torch.empty(0)
+    if not len(rgb_u8):
+        return torch.empty(0)
+    is_ensemble = hasattr(module, "combine_logits")
+    members = list(module.teachers) if is_ensemble else [module]
+    logits = []
+    for t in members:
+        run = teacher_runner(t, rgb_u8, device) if isinstance(t, Teacher) else t
+        logits.append(torch.cat([run(rgb_u8[i:i + batch_size].to(device)).float().cpu()
+                                 for i in tqdm(range(0, len(rgb_u8), batch_size), desc="teacher predictions",
+                                               unit="batch", leave=False)]))
+    return module.combine_logits(torch.stack(logits)) if is_ensemble else logits[0]

@@ -76,6 +76,14 @@ class TrunkSplit(nn.Module):
             x = m(x)
         return x
 
+    def trunk_module(self) -> nn.Module:
+        """The frozen trunk as one module (the same computation as ``trunk``), e.g. to export."""
+        return nn.Sequential(*self.trunk_modules()).eval()
+
+    def head_module(self) -> nn.Module:
+        """``head`` as one module (trunk features -> logits), e.g. to export."""
+        return _Head(self).eval()
+
     def head(self, f: torch.Tensor) -> torch.Tensor:
         b = self.backbone
         f = f.contiguous(memory_format=torch.channels_last)  # cached features come contiguous
@@ -87,6 +95,15 @@ class TrunkSplit(nn.Module):
         for i in range(self.frozen_stages + 1, 5):
             f = getattr(b, f"layer{i}")(f)
         return b.forward_head(f)
+
+
+class _Head(nn.Module):
+    def __init__(self, split: TrunkSplit):
+        super().__init__()
+        self.split = split
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.split.head(f)
 
 
 # ----------------------------------------------------------------------------------------
@@ -121,15 +138,19 @@ def compute_trunk_features(teacher, split: TrunkSplit, images_u8: torch.Tensor,
     image_idx, params)`` makes the uint8 views (mixviews.render_views for mixed views)
     -> (len(rows), K, C', h, w) float16 (halves memory; the trunk is frozen so these never change).
     """
+    from .fastpass import frozen_runner
     rows = torch.arange(view_params.shape[0]) if rows is None else rows.long()
     k = view_params.shape[1]
     split.eval()
-    out = None
+    out, trunk = None, None
     flat = torch.stack(torch.meshgrid(torch.arange(len(rows)), torch.arange(k), indexing="ij"), -1).view(-1, 2)
     for start in tqdm(range(0, len(flat), batch_size), desc=desc, unit="batch", leave=False):
         pos, j = flat[start:start + batch_size, 0], flat[start:start + batch_size, 1]
         views = render(images_u8, rows[pos], view_params[rows[pos], j])
-        feats = split.trunk(teacher.prepare(views.to(device))).half().cpu()
+        x = teacher.prepare(views.to(device))
+        if trunk is None:  # ONNX Runtime when it can, checked against torch on this first batch
+            trunk = frozen_runner(split.trunk_module(), x[:4], desc, device)
+        feats = trunk(x).half().cpu()
         if out is None:
             out = torch.empty((len(rows), k, *feats.shape[1:]), dtype=torch.float16)
         out[pos, j] = feats
