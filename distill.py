@@ -27,9 +27,9 @@ import torch
 from toolkit.augment import apply_views, mixup_cutmix, random_view_params, sample_view_params
 from toolkit.cli import run_main
 from toolkit.config import TrainingRun, option
-from toolkit.data import load_course_folder
-from toolkit.engine import (epoch_index_batches, make_trainer, run_info, save_run_config, start_run,
-                            val_metrics)
+from toolkit.data import course_fingerprint, load_course_folder
+from toolkit.engine import (check_resume_of_finished, epoch_index_batches, make_trainer, run_info, save_run_config,
+                            start_run, val_metrics)
 from toolkit.ensemble import ensemble_on_val, load_ensemble, view_soft_targets
 from toolkit.io import atomic_save, atomic_write_json, ensure_writable_dir
 from toolkit.locks import hold_locks
@@ -124,6 +124,10 @@ def distil(cfg: DistillConfig, env, device) -> dict:
     if env.is_main:  # fail now, not after hours of training, when the results cannot be written
         ensure_writable_dir(Path(cfg.out).parent)
         ensure_writable_dir(work)
+    # --resume over a finished run: another config or data is refused, this very run has nothing left to do
+    if cfg.resume and check_resume_of_finished(work, asdict(cfg), course_fingerprint(cfg.data), "model.pth"):
+        print(f"{work}: this run finished already (same config and data): nothing left to do", flush=True)
+        return read_provenance(Path(cfg.out))
 
     # --- student first: a config that does not fit architecture.py fails before any work ---
     student = build_student(cfg, device)
@@ -207,6 +211,15 @@ def distil(cfg: DistillConfig, env, device) -> dict:
         trainer.remove_checkpoint()  # the run is in model.pth, its provenance and log.json
     print(f"student saved to {cfg.out}: {val} ensemble: {ens_metrics}", flush=True)
     return provenance
+
+
+def read_provenance(out: Path) -> dict:
+    """The provenance written beside a finished run's model.pth ({} if there is none)."""
+    import json
+    try:
+        return json.loads(out.with_suffix(".provenance.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def build_student(cfg: DistillConfig, device: torch.device) -> torch.nn.Module:

@@ -21,9 +21,9 @@ import torch
 from toolkit.augment import apply_views, mixup_cutmix, random_view_params, sample_view_params, trivial_augment
 from toolkit.cli import run_main
 from toolkit.config import TrainingRun, check_timm_model, option, with_defaults
-from toolkit.data import load_course_folder
-from toolkit.engine import (epoch_index_batches, make_trainer, run_info, save_run_config, start_run,
-                            val_metrics)
+from toolkit.data import course_fingerprint, load_course_folder
+from toolkit.engine import (check_resume_of_finished, epoch_index_batches, make_trainer, run_info, save_run_config,
+                            start_run, val_metrics)
 from toolkit.locks import hold_locks
 from toolkit.losses import label_smoothing_ce, soft_cross_entropy
 from toolkit.recipe import teacher_folder_name, with_recipe_defaults
@@ -86,6 +86,10 @@ def main(argv=None) -> dict:
 
 def train(cfg: TeacherConfig, env, device) -> dict:
     out = Path(cfg.out)
+    # --resume over a finished teacher: another config or data is refused, this very run has nothing left to do
+    if cfg.resume and check_resume_of_finished(out, asdict(cfg), course_fingerprint(cfg.data), "teacher.pth"):
+        print(f"{out}: this teacher finished already (same config and data): nothing left to do", flush=True)
+        return {}
 
     # --- data: uint8 tensors in memory; val = one stratified fold ------------------------
     data = load_course_folder(cfg.data, progress=env.is_main)

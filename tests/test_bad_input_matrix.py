@@ -399,6 +399,65 @@ def test_resume_of_the_same_run_is_accepted(case, finished, capsys):
 
 
 @pytest.fixture(scope="module")
+def finished_clean(world, tmp_path_factory):
+    """A finished 1-epoch scratch run as a finished run leaves it: model.pth, and a work folder
+    with config.yaml and log.json but no checkpoint."""
+    root = tmp_path_factory.mktemp("finished_clean")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TOOLKIT_CACHE", str(world.cache))
+        distill.main(distill_argv(world.data, world.arch, root / "model.pth", root / "work", scratch=True, epochs=1))
+    assert not (root / "work" / CHECKPOINT).is_file() and (root / "work" / "config.yaml").is_file()
+    return root
+
+
+def finished_case(c, finished_clean):
+    """The case's work folder and model.pth are those of the finished run."""
+    shutil.rmtree(c.work)
+    shutil.copytree(finished_clean / "work", c.work)
+    shutil.copy(finished_clean / "model.pth", c.out)
+    return d_argv(c, "--resume")
+
+
+def test_resume_over_a_finished_run_of_another_config(capsys, case, finished_clean):
+    """Its record (model.pth, config.yaml, log.json) is never replaced by a run of another config."""
+    argv = finished_case(case, finished_clean) + ["--lr", "0.1"]
+    message = assert_refused(capsys, case, "distill.py", argv, 1, case.work, "--resume", "config lr was 0.3, now 0.1")
+    assert "model.pth, config.yaml and log.json are kept" in message
+
+
+def test_resume_over_a_finished_run_of_other_data(capsys, case, finished_clean):
+    argv = finished_case(case, finished_clean)
+    changed = case.tmp / "data2"
+    shutil.copytree(case.data, changed)
+    Image.new("RGB", (60, 48), (1, 2, 3)).save(changed / "0000.jpg")
+    assert_refused(capsys, case, "distill.py", argv + ["--data", changed], 1, case.work, "the data changed")
+
+
+def test_resume_over_a_finished_run_of_the_same_config_has_nothing_to_do(capsys, case, finished_clean):
+    argv = finished_case(case, finished_clean)
+    before = snapshot(case.tmp)
+    capsys.readouterr()
+    run_main(distill.main, [str(a) for a in argv], prog="distill.py")  # exit 0: returns
+    assert "nothing left to do" in capsys.readouterr().out
+    assert snapshot(case.tmp) == before
+
+
+@pytest.mark.parametrize("change,what", [(["--lr", "0.01"], "config lr was 0.002, now 0.01"), ([], None)])
+def test_teacher_resume_over_a_finished_teacher(capsys, case, finished_teacher, change, what):
+    shutil.rmtree(case.teacher)
+    shutil.copytree(finished_teacher, case.teacher)
+    (case.teacher / CHECKPOINT).unlink()  # as a finished teacher leaves its folder
+    if what:
+        assert_refused(capsys, case, "train_teacher.py", t_argv(case, "--resume", *change), 1, case.teacher, what)
+    else:
+        before = snapshot(case.tmp)
+        capsys.readouterr()
+        run_main(train_teacher.main, [str(a) for a in t_argv(case, "--resume")], prog="train_teacher.py")
+        assert "nothing left to do" in capsys.readouterr().out
+        assert snapshot(case.tmp) == before
+
+
+@pytest.fixture(scope="module")
 def finished_teacher(world, tmp_path_factory):
     """A finished 1-epoch teacher folder (teacher.pth + checkpoint.pth)."""
     out = tmp_path_factory.mktemp("finished_teacher") / "t"

@@ -349,6 +349,47 @@ def identity_mismatch(saved: dict | None, now: dict) -> str | None:
     return None
 
 
+def finished_run_config(folder: str | Path) -> dict | None:
+    """The recorded config of a run that finished in ``folder``, or None. A finished run wrote
+    its config.yaml last and removed its checkpoint.pth (``--keep-checkpoint`` keeps it: then the
+    checkpoint's own identity check applies); the data fingerprint is its config.yaml's key
+    ``data_fingerprint`` (a teacher's) or that of its run_info.json (a student's)."""
+    import yaml
+    folder = Path(folder)
+    if (folder / CHECKPOINT).is_file() or not (folder / "config.yaml").is_file():
+        return None
+    try:
+        saved = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
+        info = json.loads((folder / "run_info.json").read_text()) if (folder / "run_info.json").is_file() else {}
+    except (OSError, ValueError, yaml.YAMLError):
+        saved = None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{folder / 'config.yaml'}: --resume: the finished run's config cannot be read; "
+                              "run without --resume to start afresh, or use another folder")
+    saved.setdefault("data_fingerprint", info.get("data_fingerprint") if isinstance(info, dict) else None)
+    return saved
+
+
+def check_resume_of_finished(folder: str | Path, config: dict, fingerprint: str | None, result: str) -> bool:
+    """``--resume`` over a folder whose run finished: True if it is this very run (same config
+    and data: nothing left to do); CheckpointError naming what differs if it is another (its
+    ``result``, config.yaml and log.json stay as they are); False if no run finished there.
+    ``fingerprint`` None: compare the config only (the data is not read yet)."""
+    saved = finished_run_config(folder)
+    if saved is None:
+        return False
+    keys = [k for k in config if k not in RESUME_IRRELEVANT]
+    old = {"data_fingerprint": saved["data_fingerprint"] if fingerprint is not None else None,
+           "config": {k: saved.get(k) for k in keys}}
+    new = {"data_fingerprint": fingerprint, "config": {k: config[k] for k in keys}}
+    problem = identity_mismatch(old, new)
+    if problem:
+        raise CheckpointError(f"{folder}: --resume: the run that finished there is another run ({problem}); "
+                              f"its {result}, config.yaml and log.json are kept: run without --resume to replace "
+                              "them, or use another folder")
+    return True
+
+
 def save_run_config(out_dir: str | Path, config: dict, info: dict) -> None:
     """The resolved config (args.yaml, like timm) and run info, beside every output."""
     import yaml
