@@ -26,7 +26,7 @@ import torch
 
 from toolkit.augment import apply_views, mixup_cutmix, random_view_params, sample_view_params
 from toolkit.cli import run_main
-from toolkit.config import TrainingRun, option
+from toolkit.config import TrainingRun, option, run_field
 from toolkit.data import course_fingerprint, load_course_folder
 from toolkit.engine import (check_resume_of_finished, epoch_index_batches, make_trainer, run_info, save_run_config,
                             start_run, val_metrics)
@@ -35,21 +35,20 @@ from toolkit.io import atomic_save, atomic_write_json, ensure_writable_dir
 from toolkit.locks import hold_locks
 from toolkit.losses import dist_loss, kd_loss, label_smoothing_ce
 from toolkit.mixviews import mixed_hard_targets, mixed_view_targets, render_views, sample_mixed_views
-from toolkit.recipe import with_recipe_defaults
+from toolkit.recipe import recipe_section
 from toolkit.splits import ClassBalancedSampler, check_split, fold_split
 from toolkit.student import (ContractError, StudentInput, check_state_dict_matches, exec_architecture,
                              init_student_weights, student_trunk_features)
 from toolkit.trunk import TrunkSplit, compute_trunk_features
 
 
-# The schedule, optimiser, sampling, split and device fields come from TrainingRun (toolkit.config);
-# every field the recipe sets (toolkit/recipe.py: its `student` section, `folds` and `views`)
-# takes the recipe's value as its default, so `python distill.py` distils the shipped student.
-@with_recipe_defaults
+# The fields below are the default recipe's student (toolkit/recipe.py: a recipe file names
+# another); the shared run fields (TrainingRun, toolkit/config.py) set here are those the student
+# trains apart from the teachers.
 @dataclass
 class DistillConfig(TrainingRun):
     """Distil the teacher ensemble into MyCNN (architecture.py)."""
-    RECIPE_SECTION = "student"
+    argv_defaults = recipe_section("student")
     data: str = option("../shared/data/training_data", "labelled course folder (labels.csv + images)",
                        path="in_dir")
     teachers: list[str] = option([], "teacher folders; none given: every folder under --teachers-root")
@@ -72,8 +71,8 @@ class DistillConfig(TrainingRun):
     calibrate: bool = option(False, "fit the ensemble's temperature on those out-of-fold predictions")
     mode: str = option("cached", "cached: stored ensemble targets on fixed views; online: teachers run on "
                        "each batch", choices=("cached", "online"))
-    views: int = option(8, "cached views per image (0: identity, 1: mirror, rest shifted or mixed)", min=1)
-    view_kind: str = option("shift", "views 2..: shift (flip + shift, the teachers' views) or mixed (random "
+    views: int = option(6, "cached views per image (0: identity, 1: mirror, rest shifted or mixed)", min=1)
+    view_kind: str = option("mixed", "views 2..: shift (flip + shift, the teachers' views) or mixed (random "
                             "resized crops, CutMix or mixup with another training image, labelled on that mix)",
                             choices=("shift", "mixed"))
     min_crop: float = option(0.35, "mixed views: smallest crop, as a fraction of the image's area", min=0.05, max=1)
@@ -91,9 +90,15 @@ class DistillConfig(TrainingRun):
     scratch: bool = option(False, "control: the same student and recipe on hard labels only")
     label_smoothing: float = option(0.1, "label smoothing of --scratch", min=0, below=1)
     mixup: float = option(0.0, "mixup alpha (0: off); cached mode mixes the stored targets alike", min=0, max=10)
-    val_fold: int = option(0, "held-out fold for val metrics; -1 trains on everything", min=-1)
+    val_fold: int = option(-1, "held-out fold for val metrics; -1 trains on every image (the shipped student)",
+                           min=-1)
     seed: int = option(0, "seed of init, sampling and views", min=0)
     split_seed: int = option(-1, "seed of the k-fold split; -1: the same as --seed", min=-1)
+    epochs: int = run_field("epochs", 20)
+    batch_size: int = run_field("batch_size", 128)
+    warmup_epochs: float = run_field("warmup_epochs", 1.0)
+    ema_decay: float = run_field("ema_decay", 0.999)
+    checkpoint_every: int = run_field("checkpoint_every", 200)
 
     def check(self):
         if self.val_fold >= self.folds:

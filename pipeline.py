@@ -64,8 +64,9 @@ class PipelineConfig:
         """The recipe's teachers and student pass their scripts' checks, before any teacher trains
         (a bad value raises their ConfigError, which names the recipe file and key)."""
         recipe = load_recipe(self.recipe)
-        if self.heldout_fold >= recipe.folds:
-            return "heldout_fold", f"fold {self.heldout_fold} does not exist in the recipe's {recipe.folds}-fold split"
+        if self.heldout_fold >= recipe.n_folds:
+            return "heldout_fold", (f"fold {self.heldout_fold} does not exist in the recipe's {recipe.n_folds}-fold "
+                                    "split")
         for name, _ in recipe.members():
             parse_config(train_teacher.TeacherConfig, teacher_argv(self, name, 0))
         for scratch in (False, True) if self.scratch_control else (False,):

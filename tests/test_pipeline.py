@@ -16,7 +16,7 @@ import train_teacher
 from toolkit.config import ConfigError, parse_config
 from toolkit.data import DataError
 from toolkit.engine import RESUME_IRRELEVANT
-from toolkit.recipe import DEFAULT_RECIPE, RecipeError, fold_suffix, load_recipe, parse_member
+from toolkit.recipe import Recipe, RecipeError, fold_suffix, load_recipe, parse_member, recipe_field_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 # what the pipeline may tell the scripts: where things are, which fold and member, which seed
@@ -50,18 +50,20 @@ def test_parse_member_refuses_malformed(bad):
 
 
 def test_script_defaults_are_the_default_recipe():
-    """The command line's defaults (and the dataclasses') are the recipe's values."""
+    """The command line's defaults (and the dataclasses') are the default recipe: it sets nothing
+    the fields do not already say (the first teacher's model and size, and the teacher's fold
+    under teacher_split all, are the teacher's field literals)."""
     teacher = parse_config(train_teacher.TeacherConfig, [])
     student = parse_config(distill.DistillConfig, [])
-    for key in ("folds", "views"):  # shared, unless a section sets its own (the student's 6 views)
-        assert getattr(teacher, key) == DEFAULT_RECIPE["teacher"].get(key, DEFAULT_RECIPE[key])
-        assert getattr(student, key) == DEFAULT_RECIPE["student"].get(key, DEFAULT_RECIPE[key])
-    assert teacher.fold == (-1 if DEFAULT_RECIPE["teacher_split"] == "all" else 0)  # a teacher the recipe uses
-    for key, value in DEFAULT_RECIPE["teacher"].items():
-        assert getattr(teacher, key) == value, key
-    for key, value in DEFAULT_RECIPE["student"].items():
-        assert getattr(student, key) == value, key
-    first = parse_member(DEFAULT_RECIPE["teachers"][0])[1]
+    recipe = load_recipe()
+    assert recipe == Recipe()
+    assert teacher.folds == student.folds == recipe.n_folds
+    assert teacher.fold == (-1 if recipe.teacher_split == "all" else 0)  # a teacher the recipe uses
+    for cls, config, section in ((train_teacher.TeacherConfig, teacher, "teacher"),
+                                 (distill.DistillConfig, student, "student")):
+        for key, value in recipe_field_defaults(cls, recipe, section).items():
+            assert getattr(config, key) == value == getattr(cls(), key), key
+    first = parse_member(recipe.teachers[0])[1]
     assert (teacher.model, str(teacher.input_size)) == (first["model"], first["input_size"])
     assert asdict(train_teacher.TeacherConfig()) == asdict(teacher)
     assert asdict(distill.DistillConfig()) == asdict(student)

@@ -73,10 +73,11 @@ def parse_config(cls, argv: list[str] | None = None, description: str | None = N
                      help="a YAML file of field: value defaults (e.g. a run's saved config.yaml); flags override it")
     known, _ = pre.parse_known_args(argv)
     hints = typing.get_type_hints(cls)
-    # the script's own fields first in --help: those of the first class that is not only new defaults
-    own = next(c for c in cls.__mro__ if not c.__dict__.get("_only_defaults")).__dict__.get("__annotations__", {})
-    fields = {f.name: f for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own)}
-    recipe_source, recipe_values = recipe_defaults(cls, argv)
+    # the script's own fields first in --help, then those it shares with others (TrainingRun's)
+    shared = {f.name for base in cls.__mro__[1:] if dataclasses.is_dataclass(base) for f in dataclasses.fields(base)}
+    fields = {f.name: f for f in sorted(dataclasses.fields(cls), key=lambda f: f.name in shared)}
+    # a recipe file names an alternative (toolkit.recipe): the config's ``argv_defaults(argv)``
+    recipe_source, recipe_values = cls.argv_defaults(argv) if hasattr(cls, "argv_defaults") else ("", {})
     file_values = read_config_file(known.config, fields, hints) if known.config is not None else {}
 
     parser = ConfigParser(description=description or cls.__doc__, parents=[pre], allow_abbrev=False,
@@ -123,22 +124,6 @@ def parse_config(cls, argv: list[str] | None = None, description: str | None = N
             name, problem = found
             raise ConfigError(f"{culprit(name)}: {problem}")
     return cfg
-
-
-def recipe_defaults(cls, argv: list[str]) -> tuple[str, dict]:
-    """(source, {field: value}): the defaults a script's config takes from the recipe
-    (``toolkit.recipe``), for a config that names its section (``RECIPE_SECTION``): the default
-    recipe, or the one ``--recipe FILE`` names; for the teacher, the teacher ``--member NAME``."""
-    section = getattr(cls, "RECIPE_SECTION", None)
-    if section is None:
-        return "", {}
-    from .recipe import load_recipe, recipe_field_defaults
-    pre = ConfigParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--recipe", default="")
-    pre.add_argument("--member", default="")
-    known, _ = pre.parse_known_args(argv)
-    recipe = load_recipe(known.recipe)
-    return recipe.source, recipe_field_defaults(cls, recipe, section, known.member)
 
 
 def _range_text(meta) -> str:
@@ -333,43 +318,38 @@ def check_recipe_path(path: str) -> str | None:
 # ----------------------------------------------------------------------------------------
 # Fields shared by the training scripts
 # ----------------------------------------------------------------------------------------
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class TrainingRun:
     """The fields every training script shares: schedule, optimiser, sampling, split, device,
-    checkpoints (``engine.make_trainer`` reads them). A script's config inherits them through
-    ``with_defaults`` with its own defaults, so each is declared, documented and checked once."""
-    epochs: int = option(10, "training epochs", min=1)
-    batch_size: int = option(128, "images per step", min=1)
+    checkpoints (``engine.make_trainer`` reads them), each declared, documented and checked once.
+    Those the scripts set apart (epochs, batch size, warm-up, EMA, checkpoint cadence) have no
+    default here: each script declares its own with ``run_field``, at its own field."""
+    epochs: int = option(dataclasses.MISSING, "training epochs", min=1)
+    batch_size: int = option(dataclasses.MISSING, "images per step", min=1)
     lr: float = option(2e-3, "learning rate per 256 images (actual: lr * batch_size / 256)", min=1e-8)
     optimizer: str = option("adamw", "optimizer", choices=("adamw", "sgd"))
     weight_decay: float = option(0.05, "decoupled weight decay (not on biases and norms)", min=0, max=10)
-    warmup_epochs: float = option(1.0, "linear warm-up, epochs", min=0)
-    ema_decay: float = option(0.999, "EMA of the weights (0: off)", min=0, below=1)
+    warmup_epochs: float = option(dataclasses.MISSING, "linear warm-up, epochs", min=0)
+    ema_decay: float = option(dataclasses.MISSING, "EMA of the weights (0: off)", min=0, below=1)
     balance_power: float = option(0.5, "class-balanced sampling: class c drawn ~ n_c ** power (0: uniform)",
                                   min=0, max=1)
-    folds: int = option(5, "k of the stratified k-fold split", min=2)
+    folds: int = option(3, "k of the stratified k-fold split", min=2)
     device: str = option("auto", "auto, cpu, cuda, cuda:N or mps", check=check_device)
     amp: bool = option(True, "bf16/fp16 autocast, on CUDA only")
-    checkpoint_every: int = option(200, "steps between checkpoints (0: only at epoch ends)", min=0)
+    checkpoint_every: int = option(dataclasses.MISSING, "steps between checkpoints (0: only at epoch ends)", min=0)
     resume: bool = option(False, "continue from checkpoint.pth in the run's folder (a teacher's --out, a "
-                          "student's --work-dir); it must belong to this run")
+                          "student's --work-dir); it must belong to this run (a finished run of another "
+                          "config or data is refused; of this one: nothing left to do)")
     keep_checkpoint: bool = option(False, "keep the training checkpoint.pth once the result is written "
-                                   "(default: removed, the result and log.json describe the run)")
-    recipe: str = option("", "recipe file (YAML) whose values are this script's defaults; empty: the default "
-                         "recipe (toolkit/recipe.py)", check=check_recipe_path)
+                                   "(otherwise it is removed: the result and log.json describe the run)")
+    recipe: str = option("", "recipe file (YAML) naming an alternative to the default recipe (the field "
+                         "defaults); see toolkit/recipe.py", check=check_recipe_path)
 
 
-def with_defaults(base, **defaults):
-    """``base`` (a config dataclass) with other defaults for some of its fields; help, choices
-    and checks stay the base's. Inherited fields keep their place after the script's own in --help."""
-    fields = {f.name: f for f in dataclasses.fields(base)}
-    unknown = sorted(set(defaults) - set(fields))
-    if unknown:
-        raise TypeError(f"{base.__name__} has no fields {unknown}")
-    hints = typing.get_type_hints(base)
-    namespace = {"__annotations__": {name: hints[name] for name in defaults}, "__module__": base.__module__,
-                 "__doc__": base.__doc__, "__qualname__": base.__qualname__, "_only_defaults": True}
-    for name, value in defaults.items():
-        meta = dict(fields[name].metadata)
-        namespace[name] = option(value, meta.pop("help"), **meta)
-    return dataclasses.dataclass(type(base.__name__, (base,), namespace))
+def run_field(name: str, default):
+    """TrainingRun's field ``name`` (its help, range and checks) with a script's own ``default``."""
+    base = {f.name: f for f in dataclasses.fields(TrainingRun)}
+    if name not in base:
+        raise TypeError(f"TrainingRun has no field {name!r}")
+    meta = dict(base[name].metadata)
+    return option(default, meta.pop("help"), **meta)
