@@ -237,13 +237,13 @@ def test_data_folder_missing(capsys, case):
 
 
 def test_evaluate_out_is_a_file(capsys, case):
-    assert_refused(capsys, case, "evaluate", ["report", "--data", case.data, "--out", case.out], 1, "--out",
+    assert_refused(capsys, case, "evaluate", ["report", "--data", case.data, "--out", case.out], 2, "--out",
                    "expected a folder")
 
 
 def test_evaluate_predict_out_is_a_folder(capsys, case):
     assert_refused(capsys, case, "evaluate", ["predict", "--images", case.data, "--out", case.work,
-                                              "--student", case.arch, case.out], 1, "--out")
+                                              "--student", case.arch, case.out], 2, "--out")
 
 
 # ---- config files ------------------------------------------------------------------------
@@ -322,7 +322,7 @@ def test_grader_refuses_rgba_as_the_server_does(capsys, case):
 
 def test_grader_data_missing(capsys, case):
     assert_refused(capsys, case, "evaluate", ["grader", "--data", case.tmp / "nowhere", "--arch", case.arch,
-                                              "--weights", case.out], 1, "nowhere")
+                                              "--weights", case.out], 2, "--data", "nowhere")
 
 
 def test_nan_loss_is_one_line_and_keeps_model(capsys, case, monkeypatch):
@@ -481,12 +481,22 @@ EVALUATE = [
     (lambda c: ["gradr", "--data", c.data], 2, "gradr"),
     (lambda c: ["grader"], 2, "--data"),
     (lambda c: ["grader", "--data", c.data, "--weigths", c.out], 2, "--weigths"),
-    (lambda c: ["report", "--data", c.data, "--out", c.tmp / "r", "--batch-size", "0"], 1, "--batch-size"),
+    (lambda c: ["report", "--data", c.data, "--out", c.tmp / "r", "--batch-size", "0"], 2, "--batch-size"),
+    (lambda c: ["report", "--data", c.data, "--out", c.tmp / "r", "--latency-runs", "-1"], 2, "--latency-runs"),
+    (lambda c: ["report", "--data", c.data, "--out", c.tmp / "r", "--indices-file", c.tmp / "no.pt"], 2,
+     "--indices-file"),
+    (lambda c: [], 2, "COMMAND"),
+    (lambda c: ["predict", "--images", c.data, "--out", c.tmp / "p.csv", "--student", c.arch], 2, "--student"),
+    (lambda c: ["predict", "--images", c.data, "--out", c.tmp / "p.csv", "--student", c.arch, c.out,
+                "--ensemble"], 2, "--student"),
+    (lambda c: ["export", "--out", c.tmp / "x", "--n-check", "0"], 2, "--n-check"),
+    (lambda c: ["compare", "--out", c.tmp / "t.csv"], 2, "RUNS"),
+    (lambda c: ["compare", c.work, "--out", c.work], 2, "--out"),
     (lambda c: ["grader", "--data", c.data, "--arch", c.arch, "--weights", c.tmp / "missing.pth"], 1, "missing.pth"),
     (lambda c: ["grader", "--data", c.data, "--arch", c.broken_arch, "--weights", c.out], 1, "broken_arch.py"),
     (lambda c: ["predict", "--images", c.tmp / "nope.jpg", "--out", c.tmp / "p.csv", "--student", c.arch, c.out],
      1, "nope.jpg"),
-    (lambda c: ["export", "--arch", c.arch, "--weights", c.out, "--out", c.out], 1, "--out"),
+    (lambda c: ["export", "--arch", c.arch, "--weights", c.out, "--out", c.out], 2, "--out"),
 ]
 
 

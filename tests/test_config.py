@@ -148,7 +148,7 @@ def test_pipeline_config_replays(tmp_path):
 def test_evaluate_help_describes_every_option(command, capsys):
     from toolkit import evaluate
     with pytest.raises(SystemExit) as stop:
-        evaluate.build_parser().parse_args([command, "--help"])
+        evaluate.parse_args([command, "--help"])
     assert stop.value.code == 0
     out = capsys.readouterr().out.split("options:", 1)[1]
     entries = [" ".join(e.split()) for e in re.split(r"\n(?=  -)", out) if e.strip()]

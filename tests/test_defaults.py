@@ -17,9 +17,11 @@ import distill
 import pipeline
 import train_teacher
 from helpers_distill import ROOT
+from toolkit import evaluate
 from toolkit.config import parse_config
 
-CONFIGS = [distill.DistillConfig, train_teacher.TeacherConfig, pipeline.PipelineConfig]
+EVALUATE = [cls for cls, _ in evaluate.COMMANDS.values()]
+CONFIGS = [distill.DistillConfig, train_teacher.TeacherConfig, pipeline.PipelineConfig, *EVALUATE]
 MISSING = object()
 
 
@@ -38,7 +40,7 @@ def source_literals(cls) -> dict[str, object]:
             if isinstance(value, ast.Call):
                 name = getattr(value.func, "id", getattr(value.func, "attr", ""))
                 value = value.args[1] if name == "run_field" else value.args[0]
-            if ast.unparse(value) == "dataclasses.MISSING":
+            if ast.unparse(value) in ("dataclasses.MISSING", "REQUIRED"):
                 found[node.target.id] = MISSING
             else:
                 found[node.target.id] = ast.literal_eval(value)
@@ -60,15 +62,30 @@ def help_defaults(cls, capsys) -> dict[str, str]:
     return found
 
 
+def required_argv(cls) -> list[str]:
+    """Values for a command's required flags (an evaluate command's --data, --out, RUN ...)."""
+    argv = []
+    for field in dataclasses.fields(cls):
+        if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            value = str(ROOT) if field.name in ("data", "runs") else str(ROOT / "tests" / "no_such_output")
+            argv += [value] if field.metadata.get("positional") else ["--" + field.name.replace("_", "-"), value]
+    return argv
+
+
 @pytest.mark.parametrize("cls", CONFIGS, ids=[c.__name__ for c in CONFIGS])
 def test_literal_default_in_the_source_is_the_help_default(cls, capsys):
     literals = source_literals(cls)
     shown = help_defaults(cls, capsys)
-    parsed, built = parse_config(cls, []), cls()
+    given = required_argv(cls)
+    parsed = parse_config(cls, given)
+    built = cls(**{f.name: getattr(parsed, f.name) for f in dataclasses.fields(cls) if literals.get(f.name) is MISSING})
     for field in dataclasses.fields(cls):
         literal = literals.get(field.name, MISSING)
-        assert literal is not MISSING, f"{cls.__name__}.{field.name}: no literal default where it is declared"
         flag = "--" + field.name.replace("_", "-")
+        if literal is MISSING and cls in EVALUATE:  # a flag to give: its help says so, and shows no default
+            assert field.metadata.get("positional") or flag not in shown, flag
+            continue
+        assert literal is not MISSING, f"{cls.__name__}.{field.name}: no literal default where it is declared"
         assert shown[flag] == " ".join(str(literal).split()), (flag, shown[flag], literal)
         assert getattr(parsed, field.name) == getattr(built, field.name), field.name
         if field.name != "out" or literal:  # a teacher's empty --out names its folder after its recipe

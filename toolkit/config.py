@@ -41,20 +41,24 @@ class ConfigError(DataError):
 
 def option(default, help: str, *, choices: tuple | None = None, min: float | None = None,
            max: float | None = None, below: float | None = None, path: str | None = None,
-           or_file: bool = False, check=None):
-    """A dataclass field with its CLI metadata.
+           or_file: bool = False, check=None, positional: bool = False):
+    """A dataclass field with its CLI metadata; ``default`` REQUIRED: a flag that must be given.
 
     choices: the allowed values (for lists: of each item); ``or_file``: or an existing file.
     min / max: inclusive bounds, below: exclusive upper bound (floats must also be finite).
     path: "in_dir" / "in_file" must exist; "out_file" / "out_dir" must be creatable or
     writable (not a folder where a file goes, not under a regular file, folder writable).
     check: ``check(value) -> problem string or None`` for anything else.
+    positional: a positional argument (``RUN ...`` for a list), not a ``--flag``.
     """
     meta = {"help": help, "choices": choices, "min": min, "max": max, "below": below, "path": path,
-            "or_file": or_file, "check": check}
+            "or_file": or_file, "check": check, "positional": positional}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+REQUIRED = dataclasses.MISSING  # option(REQUIRED, ...): no default, the flag must be given
 
 
 class ConfigParser(argparse.ArgumentParser):
@@ -65,7 +69,7 @@ class ConfigParser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see --help)")
 
 
-def parse_config(cls, argv: list[str] | None = None, description: str | None = None):
+def parse_config(cls, argv: list[str] | None = None, description: str | None = None, prog: str | None = None):
     """argv (default sys.argv[1:]) -> a checked ``cls`` instance; ConfigError on any bad value."""
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = ConfigParser(add_help=False, allow_abbrev=False)
@@ -80,11 +84,9 @@ def parse_config(cls, argv: list[str] | None = None, description: str | None = N
     recipe_source, recipe_values = cls.argv_defaults(argv) if hasattr(cls, "argv_defaults") else ("", {})
     file_values = read_config_file(known.config, fields, hints) if known.config is not None else {}
 
-    parser = ConfigParser(description=description or cls.__doc__, parents=[pre], allow_abbrev=False,
+    parser = ConfigParser(description=description or cls.__doc__, parents=[pre], allow_abbrev=False, prog=prog,
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for field in fields.values():
-        default = file_values.get(field.name, recipe_values.get(
-            field.name, field.default if field.default is not dataclasses.MISSING else field.default_factory()))
         flag = "--" + field.name.replace("_", "-")
         kind, meta = hints[field.name], field.metadata
         help_text = (meta.get("help") or " ") + _range_text(meta)
@@ -92,10 +94,24 @@ def parse_config(cls, argv: list[str] | None = None, description: str | None = N
         if choices and meta.get("or_file"):
             help_text += f" (one of {', '.join(map(str, choices))}, or a file)"
             choices = None  # checked below: argparse cannot express "or a file"
-        if kind is bool:
+        if field.default is REQUIRED and field.default_factory is REQUIRED and field.name not in file_values:
+            default = argparse.SUPPRESS
+        else:
+            default = file_values.get(field.name, recipe_values.get(
+                field.name, field.default if field.default is not REQUIRED else field.default_factory()))
+        many = typing.get_origin(kind) in (list, tuple)
+        if meta.get("positional"):
+            item = typing.get_args(kind)[0] if many else kind
+            parser.add_argument(field.name, nargs="+" if many else None, type=item, help=help_text,
+                                metavar=field.name.upper())
+        elif default is argparse.SUPPRESS:
+            parser.add_argument(flag, dest=field.name, nargs="+" if many else None, required=True,
+                                type=typing.get_args(kind)[0] if many else kind, help=help_text + " (required)",
+                                choices=choices, default=default)
+        elif kind is bool:
             parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
                                 default=default, help=help_text)
-        elif typing.get_origin(kind) in (list, tuple):
+        elif many:
             item = typing.get_args(kind)[0]
             parser.add_argument(flag, dest=field.name, nargs="*", type=item, default=default, help=help_text,
                                 choices=choices, metavar=item.__name__.upper() if not choices else None)
@@ -124,6 +140,25 @@ def parse_config(cls, argv: list[str] | None = None, description: str | None = N
             name, problem = found
             raise ConfigError(f"{culprit(name)}: {problem}")
     return cfg
+
+
+def parse_command(commands: dict[str, type], argv: list[str] | None = None, prog: str = "",
+                  description: str = "") -> tuple[str, object]:
+    """``COMMAND [flags]`` -> (command, its config checked by ``parse_config``): one dataclass per
+    command; a missing or unknown command is one ConfigError line, ``--help`` lists the commands."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    names = ", ".join(commands)
+    if argv[:1] in (["-h"], ["--help"]):
+        width = max(map(len, commands))
+        lines = [f"  {name:<{width}}  {(cls.__doc__ or '').strip().splitlines()[0]}" for name, cls in commands.items()]
+        print(f"usage: {prog} COMMAND [flags]   ({prog} COMMAND --help: its flags)\n\n{description}\n\n"
+              "commands:\n" + "\n".join(lines))
+        raise SystemExit(0)
+    if not argv or argv[0].startswith("-"):
+        raise ConfigError(f"COMMAND: missing, the first word is one of {names} (see --help)")
+    if argv[0] not in commands:
+        raise ConfigError(f"{argv[0]}: invalid command (choose from {names})")
+    return argv[0], parse_config(commands[argv[0]], argv[1:], prog=f"{prog} {argv[0]}".strip())
 
 
 def _range_text(meta) -> str:
@@ -243,7 +278,7 @@ def check_value(value, meta) -> str | None:
             if not (meta.get("or_file") and Path(str(v)).is_file()):
                 allowed = ", ".join(map(str, choices)) + (" or an existing file" if meta.get("or_file") else "")
                 return f"invalid choice {v!r} (choose from {allowed})"
-    if meta.get("path"):
+    if meta.get("path") and value != "":  # an empty path: not given (the field's help says what then)
         problem = path_problem(value, meta["path"])
         if problem:
             return problem
