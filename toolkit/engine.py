@@ -57,11 +57,22 @@ RESUME_IRRELEVANT = frozenset({"resume", "checkpoint_every", "device", "amp", "o
                                "member"})
 
 
+# A teacher on a cached trunk trains on fixed views: its online-only augmentations cannot act there.
+ONLINE_ONLY = frozenset({"trivial_augment", "mixup", "cutmix"})
+
+
+def compared_config(config: dict) -> dict:
+    """The part of a run's config that decides what it computes: not RESUME_IRRELEVANT, and for a
+    teacher on a cached trunk (``trunk_cache``, ``frozen_stages`` > 0) not ONLINE_ONLY."""
+    cached = bool(config.get("trunk_cache")) and (config.get("frozen_stages") or 0) > 0
+    drop = RESUME_IRRELEVANT | (ONLINE_ONLY if cached else frozenset())
+    return {k: v for k, v in config.items() if k not in drop}
+
+
 def run_identity(config: dict, fingerprint: str) -> dict:
     """What a checkpoint must share with the run that resumes it (the model's parameter names
     and shapes are added by the Trainer)."""
-    return {"data_fingerprint": fingerprint,
-            "config": {k: v for k, v in config.items() if k not in RESUME_IRRELEVANT}}
+    return {"data_fingerprint": fingerprint, "config": compared_config(config)}
 
 
 # ----------------------------------------------------------------------------------------
@@ -378,7 +389,7 @@ def check_resume_of_finished(folder: str | Path, config: dict, fingerprint: str 
     saved = finished_run_config(folder)
     if saved is None:
         return False
-    keys = [k for k in config if k not in RESUME_IRRELEVANT]
+    keys = list(compared_config(config))
     old = {"data_fingerprint": saved["data_fingerprint"] if fingerprint is not None else None,
            "config": {k: saved.get(k) for k in keys}}
     new = {"data_fingerprint": fingerprint, "config": {k: config[k] for k in keys}}
