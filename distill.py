@@ -1,7 +1,7 @@
 """Distil the teacher ensemble into the student MyCNN; writes only its state_dict to model.pth.
 
     python distill.py --data ../shared/data/training_data            # teachers/ -> model.pth
-    python distill.py --scratch --out runs/scratch/model.pth          # hard-label control
+    python distill.py --hard-labels --out runs/hard/model.pth          # hard-label control
     torchrun --nproc_per_node=2 distill.py ...                        # DDP
 
 Cached mode (default): the ensemble's probabilities on K fixed views of every image
@@ -43,14 +43,14 @@ from toolkit.trunk import TrunkSplit, compute_trunk_features
 
 
 # The paths an option acts on (option(..., acts_on=...)): given elsewhere, it is refused in one line.
-DISTILLED = (lambda c: not c.scratch, "distillation (not --scratch)")
-SHIFT_TARGETS = (lambda c: c.view_kind == "shift" and c.mode == "cached" and not c.scratch,
+DISTILLED = (lambda c: not c.hard_labels, "distillation (not --hard-labels)")
+SHIFT_TARGETS = (lambda c: c.view_kind == "shift" and c.mode == "cached" and not c.hard_labels,
                  "the cached targets of flip/shift views (--view-kind shift)")
 SHIFT_VIEWS = (lambda c: c.view_kind == "shift", "flip/shift views (--view-kind shift)")
 MIXED_VIEWS = (lambda c: c.view_kind == "mixed", "mixed views (--view-kind mixed)")
-MIXED_TARGETS = (lambda c: c.view_kind == "mixed" and not c.scratch, "the distilled targets of mixed views")
-STORED_VIEWS = (lambda c: c.mode == "cached" or c.scratch, "stored views (--mode cached, or --scratch)")
-HARD_LABELS = (lambda c: c.scratch, "the hard-label control (--scratch)")
+MIXED_TARGETS = (lambda c: c.view_kind == "mixed" and not c.hard_labels, "the distilled targets of mixed views")
+STORED_VIEWS = (lambda c: c.mode == "cached" or c.hard_labels, "stored views (--mode cached, or --hard-labels)")
+HARD_LABELS = (lambda c: c.hard_labels, "the hard-label control (--hard-labels)")
 
 
 # The fields below are the default recipe's student (toolkit/recipe.py: a recipe file names
@@ -60,6 +60,7 @@ HARD_LABELS = (lambda c: c.scratch, "the hard-label control (--scratch)")
 class DistillConfig(TrainingRun):
     """Distil the teacher ensemble into MyCNN (architecture.py)."""
     argv_defaults = recipe_section("student")
+    RENAMED = {"scratch": "hard_labels"}  # old spelling -> field: a one-line hint
     data: str = option("../shared/data/training_data", "labelled course folder (labels.csv + images)",
                        path="in_dir")
     teachers: list[str] = option([], "teacher folders; none given: every folder under --teachers-root")
@@ -105,8 +106,10 @@ class DistillConfig(TrainingRun):
     oof: bool = option(True, "label each training image by the teachers that never trained on it, where there "
                        "are such teachers (fold teachers); --no-oof with teachers of every image is refused",
                        acts_on=DISTILLED)
-    scratch: bool = option(False, "control: the same student and recipe on hard labels only")
-    label_smoothing: float = option(0.1, "label smoothing of --scratch", min=0, below=1, acts_on=HARD_LABELS)
+    hard_labels: bool = option(False, "the control: the same student (from the same start), views and recipe "
+                               "on hard labels, no teachers")
+    label_smoothing: float = option(0.1, "label smoothing of the hard-label control (--hard-labels)", min=0,
+                                    below=1, acts_on=HARD_LABELS)
     mixup: float = option(0.0, "mixup alpha (0: off); cached mode mixes the stored targets alike", min=0, max=10)
     val_fold: int = option(-1, "held-out fold for val metrics; -1 trains on every image (the shipped student)",
                            min=-1)
@@ -126,8 +129,8 @@ class DistillConfig(TrainingRun):
             return "teacher_weights", f"{len(self.teacher_weights)} weights for {len(self.teachers)} teachers"
         if self.teacher_weights and not sum(self.teacher_weights) > 0:
             return "teacher_weights", "the weights sum to 0"
-        if self.mixup > 0 and self.scratch:
-            return "mixup", "--scratch trains on hard labels and does not mix"
+        if self.mixup > 0 and self.hard_labels:
+            return "mixup", "--hard-labels trains on hard labels and does not mix"
         if self.view_kind == "mixed" and self.mode != "cached":
             return "view_kind", "mixed views are labelled once, so they need --mode cached (online: --view-kind shift)"
         if self.view_kind == "mixed" and self.mixup > 0:
@@ -156,8 +159,8 @@ def distil(cfg: DistillConfig, env, device) -> dict:
     student = build_student(cfg, device)
 
     # --- teachers and data ---------------------------------------------------------------
-    ensemble = None if cfg.scratch else load_ensemble(cfg.teachers, cfg.teachers_root, device, combine=cfg.combine,
-                                                      weights=cfg.teacher_weights or None)
+    ensemble = None if cfg.hard_labels else load_ensemble(cfg.teachers, cfg.teachers_root, device,
+                                                          combine=cfg.combine, weights=cfg.teacher_weights or None)
     data = load_course_folder(cfg.data, classes=ensemble.classes if ensemble else None, progress=env.is_main)
     folds, train_idx, val_idx = fold_split(data.labels, cfg.folds, cfg.seed if cfg.split_seed < 0 else cfg.split_seed,
                                            cfg.val_fold)
@@ -200,7 +203,7 @@ def distil(cfg: DistillConfig, env, device) -> dict:
                                           desc="student features of mixed views", rows=train_idx,
                                           render=render_views)                         # (R, K, C', h, w)
         net.takes_features = True
-    elif cfg.student_frozen_stages > 0 and (cfg.scratch or cfg.mode == "cached"):
+    elif cfg.student_frozen_stages > 0 and (cfg.hard_labels or cfg.mode == "cached"):
         net, features = student_trunk_features(student, cfg.student_frozen_stages, data.grey, view_params,
                                                data.fingerprint, device, verbose=env.is_main)
         net.takes_features = True                                         # features: (N, K, C', h, w)
@@ -226,8 +229,8 @@ def distil(cfg: DistillConfig, env, device) -> dict:
     atomic_save(state, cfg.out)
     val = {k: v for k, v in history[-1].items() if k.startswith("val_")} if history else {}
     provenance = {"model": cfg.out, "architecture": cfg.arch, "classes": data.classes,
-                  "recipe": "scratch" if cfg.scratch else f"{'mixed' if cfg.view_kind == 'mixed' else cfg.mode} "
-                                                          f"{cfg.loss}",
+                  "recipe": ("hard labels" if cfg.hard_labels
+                             else f"{'mixed' if cfg.view_kind == 'mixed' else cfg.mode} {cfg.loss}"),
                   "teachers": teacher_records, "ensemble": ens_metrics, "student_val": val,
                   "train_seconds": round(time.time() - t0, 1), "val_fold": cfg.val_fold,
                   "val_images": len(val_idx), "config": asdict(cfg),
@@ -259,12 +262,12 @@ def build_student(cfg: DistillConfig, device: torch.device) -> torch.nn.Module:
 
 
 def check_student_classes(student, data, cfg: DistillConfig, device: torch.device) -> None:
-    """One logit per class, or KD fails mid-run (and scratch trains garbage)."""
+    """One logit per class, or KD fails mid-run (and the hard-label control trains garbage)."""
     with torch.no_grad():
         n_out = student.eval()(torch.zeros(2, 1, 100, 100, device=device)).shape[-1]
     if n_out != len(data.classes):
         raise ContractError(f"{cfg.arch}: the student outputs {n_out} classes, but the "
-                            f"{'data' if cfg.scratch else 'teachers'} have {len(data.classes)} "
+                            f"{'data' if cfg.hard_labels else 'teachers'} have {len(data.classes)} "
                             f"({', '.join(data.classes)})")
 
 
@@ -279,7 +282,7 @@ def soft_objective(cfg: DistillConfig, logits, probs, labels) -> dict:
 
 
 def make_loss(cfg: DistillConfig, data, device, view_params, features, targets, ensemble):
-    """``loss_fn(net, idx, generator)`` of the run's mode: scratch, cached or online."""
+    """``loss_fn(net, idx, generator)`` of the run's mode: hard labels, cached or online."""
     def stored_view(idx, gen):
         """A random stored view k of each image: its frozen-stage features, or its grey pixels."""
         k = torch.randint(0, cfg.views, (len(idx),), generator=gen)
@@ -287,7 +290,7 @@ def make_loss(cfg: DistillConfig, data, device, view_params, features, targets, 
             return features[idx, k].to(device).float(), k                 # (B, C', h, w)
         return apply_views(data.grey[idx], view_params[idx, k].long()).to(device).float() / 255, k
 
-    def scratch(net, idx, gen):
+    def hard_label(net, idx, gen):
         x, _ = stored_view(idx, gen)
         return {"loss": label_smoothing_ce(net(x), data.labels[idx].to(device), cfg.label_smoothing)}
 
@@ -314,13 +317,13 @@ def make_loss(cfg: DistillConfig, data, device, view_params, features, targets, 
             probs = ensemble(both[:, :3]).exp()
         return soft_objective(cfg, net(both[:, 3:]), probs, y)
 
-    return scratch if cfg.scratch else cached if cfg.mode == "cached" else online
+    return hard_label if cfg.hard_labels else cached if cfg.mode == "cached" else online
 
 
 def make_mixed_loss(cfg: DistillConfig, data, device, view_params, features, targets, train_idx):
     """``loss_fn`` on stored mixed views: a random view k of each image, its frozen-stage
     features (or grey pixels, rendered), and the ensemble's probabilities on that very view
-    (distilled) or its mixed hard label (--scratch: the same views, the same mixes)."""
+    (distilled) or its mixed hard label (--hard-labels: the same views, the same mixes)."""
     row_of = torch.full((len(data),), -1, dtype=torch.long)
     row_of[train_idx] = torch.arange(len(train_idx))                       # image -> row of targets/features
     hard = mixed_hard_targets(data.labels, view_params, len(data.classes))                    # (N, K, C)
@@ -332,7 +335,7 @@ def make_mixed_loss(cfg: DistillConfig, data, device, view_params, features, tar
         else:
             x = render_views(data.grey, idx, view_params[idx, k]).to(device).float() / 255    # (B, 1, H, W)
         logits, y = net(x), hard[idx, k].to(device)
-        if cfg.scratch:
+        if cfg.hard_labels:
             return {"loss": torch.nn.functional.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)}
         probs = targets[row_of[idx], k].float().to(device)
         # y: the mixed hard label lam * y_i + (1 - lam) * y_partner, (B, C)

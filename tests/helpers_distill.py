@@ -134,7 +134,7 @@ def distill_argv(data: Path, arch: Path, out: Path, work: Path, teachers=(), **f
     base = {"views": 2, "view_kind": "shift", "epochs": 2, "batch_size": 8, "folds": 3, "val_fold": 0, "device": "cpu",
             "checkpoint_every": 0, "lr": 0.3, "warmup_epochs": 0.5,
             "student_init": "none", "student_frozen_stages": 0}
-    if flags.get("mode") == "online" and not flags.get("scratch"):  # no stored views: their options are refused
+    if flags.get("mode") == "online" and not flags.get("hard_labels"):  # no stored views: their options are refused
         for key in ("views", "student_frozen_stages"):
             base.pop(key)
     base.update(flags)

@@ -102,7 +102,7 @@ def assert_refused(capsys, c, entry, argv, code, *culprit):
 
 
 def d_argv(c, *extra, **flags):
-    flags = {"scratch": True, "epochs": 1, **flags}
+    flags = {"hard_labels": True, "epochs": 1, **flags}
     return distill_argv(c.data, c.arch, c.out, c.work, **flags) + list(extra)
 
 
@@ -255,7 +255,7 @@ CONFIGS = [
     ("not_a_mapping", "- epochs\n- 3\n", "expected 'field: value'"),
     ("out_of_range", "epochs: 0\n", "epochs: must be >= 1"),
     ("bad_choice", "mode: cahced\n", "mode: invalid choice"),
-    ("string_for_bool", "scratch: maybe\n", "scratch: expected true or false"),
+    ("string_for_bool", "hard_labels: maybe\n", "hard_labels: expected true or false"),
     ("nan", "lr: .nan\n", "lr: must be a finite number"),
 ]
 
@@ -347,7 +347,7 @@ def finished(world, tmp_path_factory):
     root = tmp_path_factory.mktemp("finished")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TOOLKIT_CACHE", str(world.cache))
-        distill.main(distill_argv(world.data, world.arch, root / "model.pth", root / "work", scratch=True, epochs=1,
+        distill.main(distill_argv(world.data, world.arch, root / "model.pth", root / "work", hard_labels=True, epochs=1,
                                   keep_checkpoint=True))
     assert (root / "work" / CHECKPOINT).is_file()
     return root / "work"
@@ -405,7 +405,8 @@ def finished_clean(world, tmp_path_factory):
     root = tmp_path_factory.mktemp("finished_clean")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TOOLKIT_CACHE", str(world.cache))
-        distill.main(distill_argv(world.data, world.arch, root / "model.pth", root / "work", scratch=True, epochs=1))
+        distill.main(distill_argv(world.data, world.arch, root / "model.pth", root / "work", hard_labels=True,
+                                  epochs=1))
     assert not (root / "work" / CHECKPOINT).is_file() and (root / "work" / "config.yaml").is_file()
     return root
 
@@ -550,7 +551,7 @@ def test_real_ctrl_c_ends_with_one_line_and_resume_works(world, tmp_path):
     out.parent.mkdir()
     torch.save(student_state(world.arch), out)
     before = out.read_bytes()
-    argv = distill_argv(world.data, world.arch, out, work, scratch=True, epochs=2, checkpoint_every=1)
+    argv = distill_argv(world.data, world.arch, out, work, hard_labels=True, epochs=2, checkpoint_every=1)
     proc, marker = start_paused_run(tmp_path / "kill", "step:2", argv, world.cache)
     deadline = time.time() + 120
     try:

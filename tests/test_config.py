@@ -130,7 +130,7 @@ def test_saved_teacher_and_student_configs_replay(tmp_path, monkeypatch):
     assert replayed == parse_config(train_teacher.TeacherConfig, teacher_argv)
 
     arch = write_arch(tmp_path / "arch.py")
-    student_argv = distill_argv(data, arch, tmp_path / "s" / "model.pth", tmp_path / "sw", scratch=True, epochs=1)
+    student_argv = distill_argv(data, arch, tmp_path / "s" / "model.pth", tmp_path / "sw", hard_labels=True, epochs=1)
     distill.main(student_argv)
     replayed = parse_config(distill.DistillConfig, ["--config", str(tmp_path / "sw" / "config.yaml")])
     assert replayed == parse_config(distill.DistillConfig, student_argv)

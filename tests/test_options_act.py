@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 import distill
+import pipeline
 import train_teacher
 from helpers_distill import build_tiny_teacher, distill_argv, make_course_folder, write_arch
 from toolkit.cli import run_main
@@ -20,17 +21,17 @@ DISTILL_REFUSED = [
     (["--view-kind", "shift", "--min-crop", "0.5"], "--min-crop"),
     (["--view-kind", "shift", "--cutmix-prob", "0.9"], "--cutmix-prob"),
     (["--view-kind", "shift", "--target-input", "grey"], "--target-input"),
-    (["--scratch", "--alpha", "0.3"], "--alpha"),
-    (["--scratch", "--temperature", "2"], "--temperature"),
-    (["--scratch", "--loss", "dist"], "--loss"),
-    (["--scratch", "--calibrate"], "--calibrate"),
+    (["--hard-labels", "--alpha", "0.3"], "--alpha"),
+    (["--hard-labels", "--temperature", "2"], "--temperature"),
+    (["--hard-labels", "--loss", "dist"], "--loss"),
+    (["--hard-labels", "--calibrate"], "--calibrate"),
     (["--mode", "online", "--view-kind", "shift", "--views", "3"], "--views"),
     (["--mode", "online", "--view-kind", "shift", "--student-frozen-stages", "3"], "--student-frozen-stages"),
 ]
 DISTILL_ACCEPTED = [
     ["--view-kind", "shift", "--calibrate", "--ensemble-weights", "greedy", "--max-shift", "4"],
     ["--min-crop", "0.5", "--cutmix-prob", "0.9", "--target-input", "grey", "--alpha", "0.3"],
-    ["--scratch", "--label-smoothing", "0.2"],
+    ["--hard-labels", "--label-smoothing", "0.2"],
     ["--mode", "online", "--view-kind", "shift", "--max-shift", "4", "--mixup", "0.2"],
 ]
 TEACHER_REFUSED = [
@@ -88,3 +89,15 @@ def test_no_oof_with_teachers_of_every_image_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="^--no-oof: every teacher trained on every training image"):
         distill.main(argv)
     assert not (tmp_path / "m.pth").exists()
+
+
+@pytest.mark.parametrize("cls,old,new", [(distill.DistillConfig, "--scratch", "--hard-labels"),
+                                         (distill.DistillConfig, "--no-scratch", "--hard-labels"),
+                                         (pipeline.PipelineConfig, "--scratch-control", "--hard-label-control")])
+def test_an_old_spelling_is_a_one_line_hint(cls, old, new, tmp_path):
+    with pytest.raises(ConfigError, match=rf"^{old.replace('no-', '')}: renamed {new} \(see --help\)$"):
+        parse_config(cls, [old])
+    path = tmp_path / "c.yaml"
+    path.write_text(f"{old.replace('--no-', '').lstrip('-').replace('-', '_')}: true\n")
+    with pytest.raises(ConfigError, match=rf"renamed {new[2:].replace('-', '_')}"):
+        parse_config(cls, ["--config", str(path)])

@@ -21,7 +21,7 @@ from toolkit.recipe import Recipe, RecipeError, fold_suffix, load_recipe, parse_
 ROOT = Path(__file__).resolve().parents[1]
 # what the pipeline may tell the scripts: where things are, which fold and member, which seed
 PATH_AND_FOLD_FLAGS = {"--data", "--recipe", "--member", "--fold", "--exclude-folds", "--seed", "--out", "--resume",
-                       "--teachers", "--val-fold", "--view-seed", "--work-dir", "--scratch"}
+                       "--teachers", "--val-fold", "--view-seed", "--work-dir", "--hard-labels"}
 
 
 def flags_of(argv: list[str]) -> set[str]:
@@ -91,8 +91,9 @@ def test_distill_defaults_are_the_shipped_students_config():
     """`python distill.py` with no flags is the run that made the shipped model.pth."""
     shipped = json.loads((ROOT / "model.provenance.json").read_text())["config"]
     now = asdict(parse_config(distill.DistillConfig, []))
-    differ = {k for k in shipped if k not in RESUME_IRRELEVANT and shipped[k] != now.get(k)}
-    assert differ == set(), {k: (shipped[k], now.get(k)) for k in differ}
+    new = {k: distill.DistillConfig.RENAMED.get(k, k) for k in shipped}  # scratch: now hard_labels
+    differ = {k for k in shipped if k not in RESUME_IRRELEVANT and shipped[k] != now.get(new[k])}
+    assert differ == set(), {k: (shipped[k], now.get(new[k])) for k in differ}
 
 
 def test_a_recipe_file_changes_all_three_scripts_alike(tmp_path, monkeypatch, make_course):
@@ -158,14 +159,14 @@ def test_heldout_fold_is_never_trained_on_by_teachers_or_student(tmp_path, monke
     root = tmp_path / "teachers"
     pipeline.main(["--data", course, "--teachers-root", str(root), "--no-report", "--heldout-fold", "1",
                    *(["--recipe", str(ROOT / "recipes" / recipe)] if recipe else []),
-                   "--scratch-control", "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "model.pth")])
+                   "--hard-label-control", "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "model.pth")])
     teachers = [argv for kind, argv in calls if kind == "teacher"]
     assert [argv[argv.index("--fold") + 1] for argv in teachers] == folds  # each recipe
     assert all(argv[argv.index("--exclude-folds") + 1] == "1" for argv in teachers)
     student, control = [argv for kind, argv in calls if kind == "distill"]
     for argv in (student, control):
         assert argv[argv.index("--val-fold") + 1] == "1"
-    assert "--scratch" in control and "--scratch" not in student
+    assert "--hard-labels" in control and "--hard-labels" not in student
     assert tables == [(1, [(0, tmp_path / "model.pth", tmp_path / "work" / "scratch" / "model.pth")])]
     strip = {"--out", "--work-dir"}
     keep = [a for i, a in enumerate(student) if a not in strip and (i == 0 or student[i - 1] not in strip)]
@@ -212,7 +213,7 @@ def test_default_recipe_is_in_sample_teachers_and_twenty_epochs_on_mixed_views(t
     recipe = load_recipe()
     assert recipe.teacher_split == "all" and recipe.teacher_folds(0) == [-1]
     assert parse_config(train_teacher.TeacherConfig, []).views == 2
-    cfg = parse_config(pipeline.PipelineConfig, ["--heldout-fold", "0", "--scratch-control",
+    cfg = parse_config(pipeline.PipelineConfig, ["--heldout-fold", "0", "--hard-label-control",
                                                  "--teachers-root", str(tmp_path / "t")])
     for scratch in (False, True):
         student = parse_config(distill.DistillConfig, pipeline.student_argv(cfg, tmp_path / "w", scratch))
@@ -255,7 +256,7 @@ def test_student_seeds_give_the_paired_heldout_table(tmp_path, monkeypatch, make
 
     def fake_distill(argv):
         calls.append(argv)
-        seed, scratch = int(argv[argv.index("--seed") + 1]), "--scratch" in argv
+        seed, scratch = int(argv[argv.index("--seed") + 1]), "--hard-labels" in argv
         out = Path(argv[argv.index("--out") + 1])
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(b"student")
@@ -267,9 +268,9 @@ def test_student_seeds_give_the_paired_heldout_table(tmp_path, monkeypatch, make
     monkeypatch.setattr(pipeline.distill, "main", fake_distill)
     work = tmp_path / "work"
     pipeline.main(["--data", str(make_course()), "--teachers-root", str(tmp_path / "t"), "--no-report",
-                   "--heldout-fold", "1", "--scratch-control", "--student-seeds", "1", "2", "0",
+                   "--heldout-fold", "1", "--hard-label-control", "--student-seeds", "1", "2", "0",
                    "--work-dir", str(work), "--out", str(tmp_path / "model.pth")])
-    assert [(a[a.index("--seed") + 1], "--scratch" in a) for a in calls] == \
+    assert [(a[a.index("--seed") + 1], "--hard-labels" in a) for a in calls] == \
         [("0", False), ("0", True), ("1", False), ("1", True), ("2", False), ("2", True)]
     for argv in calls[2:]:  # other seeds: the pipeline's split and views, their own folders
         assert argv[argv.index("--split-seed") + 1] == "0" and argv[argv.index("--view-seed") + 1] == "0"
@@ -282,11 +283,12 @@ def test_student_seeds_give_the_paired_heldout_table(tmp_path, monkeypatch, make
         "88.00 %, hard-label 86.83 %" in out
 
 
-def write_provenance(path: Path, val_fold=1, seed=0, split_seed=0, scratch=False, acc=0.88, seen=0) -> Path:
+def write_provenance(path: Path, val_fold=1, seed=0, split_seed=0, hard_labels=False, acc=0.88, seen=0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"val_fold": val_fold, "student_val": {"val_acc": acc},
-                                "ensemble": {} if scratch else {"val_seen_by_teachers": seen},
-                                "config": {"seed": seed, "split_seed": split_seed, "folds": 3, "scratch": scratch}}))
+                                "ensemble": {} if hard_labels else {"val_seen_by_teachers": seen},
+                                "config": {"seed": seed, "split_seed": split_seed, "folds": 3,
+                                           "hard_labels": hard_labels}}))
     return path
 
 
@@ -299,7 +301,7 @@ def write_provenance(path: Path, val_fold=1, seed=0, split_seed=0, scratch=False
 def test_a_pair_is_one_fold_split_and_seed_distilled_then_control(tmp_path, control, culprit):
     from toolkit.estimates import read_pair
     distilled = write_provenance(tmp_path / "d.json", seed=1, acc=0.891)
-    fine = write_provenance(tmp_path / "ok.json", seed=1, scratch=True, acc=0.8708)
+    fine = write_provenance(tmp_path / "ok.json", seed=1, hard_labels=True, acc=0.8708)
     assert read_pair(distilled, fine) == {"fold": 1, "seed": 1, "distilled": 89.1, "hard_label": 87.08}
     bad = write_provenance(tmp_path / "c.json", **{"seed": 1, "scratch": True, "acc": 0.87, **control})
     with pytest.raises(DataError, match=culprit):
@@ -317,7 +319,7 @@ def test_heldout_pairs_script_adds_replaces_and_summarises(tmp_path, capsys):
     csv = tmp_path / "pairs.csv"
     csv.write_text("fold,seed,distilled,hard_label\n0,0,89.22,87.08\n0,1,88.0,88.5\n")
     d = write_provenance(tmp_path / "d.json", seed=1, acc=0.89)
-    c = write_provenance(tmp_path / "c.json", seed=1, scratch=True, acc=0.87)
+    c = write_provenance(tmp_path / "c.json", seed=1, hard_labels=True, acc=0.87)
     d0, c0 = (write_provenance(tmp_path / f"{n}0.json", val_fold=0, seed=1, scratch=n == "c", acc=a)
               for n, a in (("d", 0.9), ("c", 0.86)))
     rows = script.main([str(csv), "--add", str(d), str(c), "--add", str(d0), str(c0)])
@@ -328,7 +330,7 @@ def test_heldout_pairs_script_adds_replaces_and_summarises(tmp_path, capsys):
     assert "mean gap +2.71 points (standard error 0.64) over 3 pair(s), positive in 3; mean accuracy distilled " \
            "89.41 %, hard-label 86.69 %" in out
     assert "mean gap +2.00 points (one pair: no standard error) over 1 pair(s)" in out  # fold 1: one pair, no "nan"
-    bad = write_provenance(tmp_path / "x.json", seed=2, scratch=True)
+    bad = write_provenance(tmp_path / "x.json", seed=2, hard_labels=True)
     before = csv.read_text()
     with pytest.raises(DataError):
         script.main([str(csv), "--add", str(d), str(bad)])

@@ -78,13 +78,18 @@ def parse_config(cls, argv: list[str] | None = None, description: str | None = N
     pre.add_argument("--config", type=Path, metavar="FILE.yaml",
                      help="a YAML file of field: value defaults (e.g. a run's saved config.yaml); flags override it")
     known, _ = pre.parse_known_args(argv)
+    for old, new in getattr(cls, "RENAMED", {}).items():  # an old spelling: a hint, not "unrecognized"
+        flag = "--" + old.replace("_", "-")
+        if any(a in (flag, "--no-" + flag[2:]) or a.startswith(flag + "=") for a in argv):
+            raise ConfigError(f"{flag}: renamed --{new.replace('_', '-')} (see --help)")
     hints = typing.get_type_hints(cls)
     # the script's own fields first in --help, then those it shares with others (TrainingRun's)
     shared = {f.name for base in cls.__mro__[1:] if dataclasses.is_dataclass(base) for f in dataclasses.fields(base)}
     fields = {f.name: f for f in sorted(dataclasses.fields(cls), key=lambda f: f.name in shared)}
     # a recipe file names an alternative (toolkit.recipe): the config's ``argv_defaults(argv)``
     recipe_source, recipe_values = cls.argv_defaults(argv) if hasattr(cls, "argv_defaults") else ("", {})
-    file_values = read_config_file(known.config, fields, hints) if known.config is not None else {}
+    file_values = (read_config_file(known.config, fields, hints, getattr(cls, "RENAMED", {}))
+                   if known.config is not None else {})
 
     parser = ConfigParser(description=description or cls.__doc__, parents=[pre], allow_abbrev=False, prog=prog,
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -202,11 +207,15 @@ def load_yaml_mapping(path: Path, what: str = "config file", expected: str = "'f
     return raw
 
 
-def read_config_file(path: Path, fields: dict, hints: dict) -> dict:
-    """YAML file -> {field: value coerced to the field's type}; ConfigError naming file and key."""
+def read_config_file(path: Path, fields: dict, hints: dict, renamed: dict | None = None) -> dict:
+    """YAML file -> {field: value coerced to the field's type}; ConfigError naming file and key
+    (a key ``renamed`` maps to its new name: a hint saying so)."""
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found" + (" (it is a folder)" if path.is_dir() else ""))
     raw = load_yaml_mapping(path)
+    old = sorted(set(map(str, raw)) & set(renamed or {}))
+    if old:
+        raise ConfigError(f"{path}: {old[0]}: renamed {renamed[old[0]]} (write {renamed[old[0]]}: in the file)")
     unknown = sorted(set(map(str, raw)) - set(fields) - RECORDED_KEYS)
     if unknown:
         raise ConfigError(f"{path}: unknown keys {unknown} (valid: {', '.join(fields)})")
