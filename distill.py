@@ -4,16 +4,17 @@
     python distill.py --hard-labels --out runs/hard/model.pth          # hard-label control
     torchrun --nproc_per_node=2 distill.py ...                        # DDP
 
-Cached mode (default): the ensemble's probabilities on K fixed views of every image
-(identity, mirror, shifted crops) are computed once and stored (N, K, C) in fp16; the student
-is trained on exactly those views of the server's grey image, so its targets always match
-what it sees (Beyer et al. 2022, "patient and consistent"; FKD, Shen & Xing 2021). Each image
-is labelled by the teachers that never trained on it (out-of-fold targets). The student
-(EfficientNet-Lite0 with a grey stem) starts from ImageNet weights; its stem and first
---student-frozen-stages stages stay fixed, so their features of the K views are computed once
-too, and each step trains only the rest.
-Online mode: the teachers run on the student's own augmented batch. With --mixup, both modes
-minimise the same objective against the mixed targets (KD: its soft term alone, alpha 0, T^2 * KL).
+Cached mode (default): the ensemble's probabilities on K stored views of every image are
+computed once (N, K, C) and the student trains on exactly those views of the server's grey
+image, so its targets always match what it sees (Beyer et al. 2022, "patient and consistent").
+The default views (``--view-kind mixed``) are the image, its mirror and random crops each mixed
+with another training image by CutMix or mixup, labelled on that very mix; ``--view-kind shift``
+uses fixed flip/shift views instead. With fold teachers each image is labelled by the teachers
+that never trained on it; the default teachers trained on every image, so its targets are
+in-sample. The student (EfficientNet-Lite0 with a grey stem) starts from ImageNet weights; its
+stem and first --student-frozen-stages stages stay fixed, so their features of the K views are
+computed once too, and each step trains only the rest.
+Online mode (flip/shift views only): the teachers run on the student's own augmented batch.
 """
 from __future__ import annotations
 
