@@ -217,7 +217,7 @@ def test_default_recipe_is_in_sample_teachers_and_twenty_epochs_on_mixed_views(t
                                                  "--teachers-root", str(tmp_path / "t")])
     for scratch in (False, True):
         student = parse_config(distill.DistillConfig, pipeline.student_argv(cfg, tmp_path / "w", scratch))
-        assert (student.view_kind, student.views, student.epochs, student.scratch) == ("mixed", 6, 20, scratch)
+        assert (student.view_kind, student.views, student.epochs, student.hard_labels) == ("mixed", 6, 20, scratch)
         assert (student.loss, student.temperature, student.alpha) == ("kd", 1.0, 0.5)
         assert student.teachers == [str(tmp_path / "t" / "lite0_224px_all"), str(tmp_path / "t" / "lite2_224px_all")]
 
@@ -283,12 +283,12 @@ def test_student_seeds_give_the_paired_heldout_table(tmp_path, monkeypatch, make
         "88.00 %, hard-label 86.83 %" in out
 
 
-def write_provenance(path: Path, val_fold=1, seed=0, split_seed=0, hard_labels=False, acc=0.88, seen=0) -> Path:
+def write_provenance(path: Path, val_fold=1, seed=0, split_seed=0, scratch=False, acc=0.88, seen=0) -> Path:
+    """A provenance file as distill.py wrote it before --scratch became --hard-labels (both are read)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"val_fold": val_fold, "student_val": {"val_acc": acc},
-                                "ensemble": {} if hard_labels else {"val_seen_by_teachers": seen},
-                                "config": {"seed": seed, "split_seed": split_seed, "folds": 3,
-                                           "hard_labels": hard_labels}}))
+                                "ensemble": {} if scratch else {"val_seen_by_teachers": seen},
+                                "config": {"seed": seed, "split_seed": split_seed, "folds": 3, "scratch": scratch}}))
     return path
 
 
@@ -296,12 +296,12 @@ def write_provenance(path: Path, val_fold=1, seed=0, split_seed=0, hard_labels=F
     ({"split_seed": -1, "seed": 1}, "not the same held-out images"),   # --seed 1 without --split-seed 0
     ({"val_fold": 0}, "not the same held-out images"),
     ({"seed": 2}, "seed 2"),
-    ({"scratch": False}, "expected a distilled student, then its --scratch control"),
+    ({"scratch": False}, "expected a distilled student, then its --hard-labels control"),
 ])
 def test_a_pair_is_one_fold_split_and_seed_distilled_then_control(tmp_path, control, culprit):
     from toolkit.estimates import read_pair
     distilled = write_provenance(tmp_path / "d.json", seed=1, acc=0.891)
-    fine = write_provenance(tmp_path / "ok.json", seed=1, hard_labels=True, acc=0.8708)
+    fine = write_provenance(tmp_path / "ok.json", seed=1, scratch=True, acc=0.8708)
     assert read_pair(distilled, fine) == {"fold": 1, "seed": 1, "distilled": 89.1, "hard_label": 87.08}
     bad = write_provenance(tmp_path / "c.json", **{"seed": 1, "scratch": True, "acc": 0.87, **control})
     with pytest.raises(DataError, match=culprit):
@@ -319,7 +319,7 @@ def test_heldout_pairs_script_adds_replaces_and_summarises(tmp_path, capsys):
     csv = tmp_path / "pairs.csv"
     csv.write_text("fold,seed,distilled,hard_label\n0,0,89.22,87.08\n0,1,88.0,88.5\n")
     d = write_provenance(tmp_path / "d.json", seed=1, acc=0.89)
-    c = write_provenance(tmp_path / "c.json", seed=1, hard_labels=True, acc=0.87)
+    c = write_provenance(tmp_path / "c.json", seed=1, scratch=True, acc=0.87)
     d0, c0 = (write_provenance(tmp_path / f"{n}0.json", val_fold=0, seed=1, scratch=n == "c", acc=a)
               for n, a in (("d", 0.9), ("c", 0.86)))
     rows = script.main([str(csv), "--add", str(d), str(c), "--add", str(d0), str(c0)])
@@ -330,7 +330,7 @@ def test_heldout_pairs_script_adds_replaces_and_summarises(tmp_path, capsys):
     assert "mean gap +2.71 points (standard error 0.64) over 3 pair(s), positive in 3; mean accuracy distilled " \
            "89.41 %, hard-label 86.69 %" in out
     assert "mean gap +2.00 points (one pair: no standard error) over 1 pair(s)" in out  # fold 1: one pair, no "nan"
-    bad = write_provenance(tmp_path / "x.json", seed=2, hard_labels=True)
+    bad = write_provenance(tmp_path / "x.json", seed=2, scratch=True)
     before = csv.read_text()
     with pytest.raises(DataError):
         script.main([str(csv), "--add", str(d), str(bad)])
