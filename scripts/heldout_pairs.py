@@ -4,7 +4,7 @@
     python scripts/heldout_pairs.py docs/heldout_pairs.csv --add D.provenance.json C.provenance.json
 
 Each row (fold, seed, distilled, hard_label; accuracies in percent on the held-out fold) is one
-distilled student and its --scratch control on the same fold of the same split with the same
+distilled student and its --hard-labels control on the same fold of the same split with the same
 seed (checked from their provenance files: a control scored on another split is refused).
 --add puts such a pair in the CSV (replacing the row of the same fold and seed; the file is
 written whole, then renamed). Prints the table per fold and over all pairs: mean gap with its
@@ -23,7 +23,7 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("csv", help="the pairs file (fold,seed,distilled,hard_label)")
     parser.add_argument("--add", nargs=2, action="append", default=[], metavar=("DISTILLED", "CONTROL"),
-                        help="provenance files of a distilled student and its --scratch control (repeatable)")
+                        help="provenance files of a distilled student and its --hard-labels control (repeatable)")
     args = parser.parse_args(argv)
     new = [read_pair(distilled, control) for distilled, control in args.add]  # all checked before writing
     rows = read_pairs_csv(args.csv) if not new or os.path.exists(args.csv) else []

@@ -117,11 +117,12 @@ def train_tiny_teacher(data: Path, out: Path, fold: int = 0, folds: int = 3, see
     import train_teacher
     argv = ["--data", str(data), "--out", str(out), "--model", TINY_TEACHER, "--pretrained", "none",
             "--input-size", str(TINY_SIZE), "--epochs", "1", "--batch-size", "16", "--folds", str(folds),
-            "--fold", str(fold), "--seed", str(seed), "--views", str(views), "--max-shift", str(max_shift),
-            "--frozen-stages", str(frozen_stages), "--checkpoint-every", "0", "--device", "cpu",
-            "--no-trivial-augment"]
+            "--fold", str(fold), "--seed", str(seed), "--max-shift", str(max_shift),
+            "--frozen-stages", str(frozen_stages), "--checkpoint-every", "0", "--device", "cpu"]
     if frozen_stages == 0:
         argv.append("--no-trunk-cache")
+    else:  # the cached views (online, a teacher is refused --views: it has none)
+        argv += ["--views", str(views)]
     train_teacher.main(argv + (extra or []))
     return Path(out)
 
@@ -133,6 +134,9 @@ def distill_argv(data: Path, arch: Path, out: Path, work: Path, teachers=(), **f
     base = {"views": 2, "view_kind": "shift", "epochs": 2, "batch_size": 8, "folds": 3, "val_fold": 0, "device": "cpu",
             "checkpoint_every": 0, "lr": 0.3, "warmup_epochs": 0.5,
             "student_init": "none", "student_frozen_stages": 0}
+    if flags.get("mode") == "online" and not flags.get("hard_labels"):  # no stored views: their options are refused
+        for key in ("views", "student_frozen_stages"):
+            base.pop(key)
     base.update(flags)
     argv = ["--data", str(data), "--arch", str(arch), "--out", str(out), "--work-dir", str(work)]
     if teachers:

@@ -102,7 +102,7 @@ def assert_refused(capsys, c, entry, argv, code, *culprit):
 
 
 def d_argv(c, *extra, **flags):
-    flags = {"scratch": True, "epochs": 1, **flags}
+    flags = {"hard_labels": True, "epochs": 1, **flags}
     return distill_argv(c.data, c.arch, c.out, c.work, **flags) + list(extra)
 
 
@@ -237,13 +237,13 @@ def test_data_folder_missing(capsys, case):
 
 
 def test_evaluate_out_is_a_file(capsys, case):
-    assert_refused(capsys, case, "evaluate", ["report", "--data", case.data, "--out", case.out], 1, "--out",
+    assert_refused(capsys, case, "evaluate", ["report", "--data", case.data, "--out", case.out], 2, "--out",
                    "expected a folder")
 
 
 def test_evaluate_predict_out_is_a_folder(capsys, case):
     assert_refused(capsys, case, "evaluate", ["predict", "--images", case.data, "--out", case.work,
-                                              "--student", case.arch, case.out], 1, "--out")
+                                              "--student", case.arch, case.out], 2, "--out")
 
 
 # ---- config files ------------------------------------------------------------------------
@@ -255,7 +255,7 @@ CONFIGS = [
     ("not_a_mapping", "- epochs\n- 3\n", "expected 'field: value'"),
     ("out_of_range", "epochs: 0\n", "epochs: must be >= 1"),
     ("bad_choice", "mode: cahced\n", "mode: invalid choice"),
-    ("string_for_bool", "scratch: maybe\n", "scratch: expected true or false"),
+    ("string_for_bool", "hard_labels: maybe\n", "hard_labels: expected true or false"),
     ("nan", "lr: .nan\n", "lr: must be a finite number"),
 ]
 
@@ -322,7 +322,7 @@ def test_grader_refuses_rgba_as_the_server_does(capsys, case):
 
 def test_grader_data_missing(capsys, case):
     assert_refused(capsys, case, "evaluate", ["grader", "--data", case.tmp / "nowhere", "--arch", case.arch,
-                                              "--weights", case.out], 1, "nowhere")
+                                              "--weights", case.out], 2, "--data", "nowhere")
 
 
 def test_nan_loss_is_one_line_and_keeps_model(capsys, case, monkeypatch):
@@ -347,7 +347,7 @@ def finished(world, tmp_path_factory):
     root = tmp_path_factory.mktemp("finished")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TOOLKIT_CACHE", str(world.cache))
-        distill.main(distill_argv(world.data, world.arch, root / "model.pth", root / "work", scratch=True, epochs=1,
+        distill.main(distill_argv(world.data, world.arch, root / "model.pth", root / "work", hard_labels=True, epochs=1,
                                   keep_checkpoint=True))
     assert (root / "work" / CHECKPOINT).is_file()
     return root / "work"
@@ -399,6 +399,66 @@ def test_resume_of_the_same_run_is_accepted(case, finished, capsys):
 
 
 @pytest.fixture(scope="module")
+def finished_clean(world, tmp_path_factory):
+    """A finished 1-epoch scratch run as a finished run leaves it: model.pth, and a work folder
+    with config.yaml and log.json but no checkpoint."""
+    root = tmp_path_factory.mktemp("finished_clean")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TOOLKIT_CACHE", str(world.cache))
+        distill.main(distill_argv(world.data, world.arch, root / "model.pth", root / "work", hard_labels=True,
+                                  epochs=1))
+    assert not (root / "work" / CHECKPOINT).is_file() and (root / "work" / "config.yaml").is_file()
+    return root
+
+
+def finished_case(c, finished_clean):
+    """The case's work folder and model.pth are those of the finished run."""
+    shutil.rmtree(c.work)
+    shutil.copytree(finished_clean / "work", c.work)
+    shutil.copy(finished_clean / "model.pth", c.out)
+    return d_argv(c, "--resume")
+
+
+def test_resume_over_a_finished_run_of_another_config(capsys, case, finished_clean):
+    """Its record (model.pth, config.yaml, log.json) is never replaced by a run of another config."""
+    argv = finished_case(case, finished_clean) + ["--lr", "0.1"]
+    message = assert_refused(capsys, case, "distill.py", argv, 1, case.work, "--resume", "config lr was 0.3, now 0.1")
+    assert "model.pth, config.yaml and log.json are kept" in message
+
+
+def test_resume_over_a_finished_run_of_other_data(capsys, case, finished_clean):
+    argv = finished_case(case, finished_clean)
+    changed = case.tmp / "data2"
+    shutil.copytree(case.data, changed)
+    Image.new("RGB", (60, 48), (1, 2, 3)).save(changed / "0000.jpg")
+    assert_refused(capsys, case, "distill.py", argv + ["--data", changed], 1, case.work, "the data changed")
+
+
+def test_resume_over_a_finished_run_of_the_same_config_has_nothing_to_do(capsys, case, finished_clean):
+    argv = finished_case(case, finished_clean)
+    before = snapshot(case.tmp)
+    capsys.readouterr()
+    run_main(distill.main, [str(a) for a in argv], prog="distill.py")  # exit 0: returns
+    assert "nothing left to do" in capsys.readouterr().out
+    assert snapshot(case.tmp) == before
+
+
+@pytest.mark.parametrize("change,what", [(["--lr", "0.01"], "config lr was 0.002, now 0.01"), ([], None)])
+def test_teacher_resume_over_a_finished_teacher(capsys, case, finished_teacher, change, what):
+    shutil.rmtree(case.teacher)
+    shutil.copytree(finished_teacher, case.teacher)
+    (case.teacher / CHECKPOINT).unlink()  # as a finished teacher leaves its folder
+    if what:
+        assert_refused(capsys, case, "train_teacher.py", t_argv(case, "--resume", *change), 1, case.teacher, what)
+    else:
+        before = snapshot(case.tmp)
+        capsys.readouterr()
+        run_main(train_teacher.main, [str(a) for a in t_argv(case, "--resume")], prog="train_teacher.py")
+        assert "nothing left to do" in capsys.readouterr().out
+        assert snapshot(case.tmp) == before
+
+
+@pytest.fixture(scope="module")
 def finished_teacher(world, tmp_path_factory):
     """A finished 1-epoch teacher folder (teacher.pth + checkpoint.pth)."""
     out = tmp_path_factory.mktemp("finished_teacher") / "t"
@@ -422,12 +482,22 @@ EVALUATE = [
     (lambda c: ["gradr", "--data", c.data], 2, "gradr"),
     (lambda c: ["grader"], 2, "--data"),
     (lambda c: ["grader", "--data", c.data, "--weigths", c.out], 2, "--weigths"),
-    (lambda c: ["report", "--data", c.data, "--out", c.tmp / "r", "--batch-size", "0"], 1, "--batch-size"),
+    (lambda c: ["report", "--data", c.data, "--out", c.tmp / "r", "--batch-size", "0"], 2, "--batch-size"),
+    (lambda c: ["report", "--data", c.data, "--out", c.tmp / "r", "--latency-runs", "-1"], 2, "--latency-runs"),
+    (lambda c: ["report", "--data", c.data, "--out", c.tmp / "r", "--indices-file", c.tmp / "no.pt"], 2,
+     "--indices-file"),
+    (lambda c: [], 2, "COMMAND"),
+    (lambda c: ["predict", "--images", c.data, "--out", c.tmp / "p.csv", "--student", c.arch], 2, "--student"),
+    (lambda c: ["predict", "--images", c.data, "--out", c.tmp / "p.csv", "--student", c.arch, c.out,
+                "--ensemble"], 2, "--student"),
+    (lambda c: ["export", "--out", c.tmp / "x", "--n-check", "0"], 2, "--n-check"),
+    (lambda c: ["compare", "--out", c.tmp / "t.csv"], 2, "RUNS"),
+    (lambda c: ["compare", c.work, "--out", c.work], 2, "--out"),
     (lambda c: ["grader", "--data", c.data, "--arch", c.arch, "--weights", c.tmp / "missing.pth"], 1, "missing.pth"),
     (lambda c: ["grader", "--data", c.data, "--arch", c.broken_arch, "--weights", c.out], 1, "broken_arch.py"),
     (lambda c: ["predict", "--images", c.tmp / "nope.jpg", "--out", c.tmp / "p.csv", "--student", c.arch, c.out],
      1, "nope.jpg"),
-    (lambda c: ["export", "--arch", c.arch, "--weights", c.out, "--out", c.out], 1, "--out"),
+    (lambda c: ["export", "--arch", c.arch, "--weights", c.out, "--out", c.out], 2, "--out"),
 ]
 
 
@@ -481,7 +551,7 @@ def test_real_ctrl_c_ends_with_one_line_and_resume_works(world, tmp_path):
     out.parent.mkdir()
     torch.save(student_state(world.arch), out)
     before = out.read_bytes()
-    argv = distill_argv(world.data, world.arch, out, work, scratch=True, epochs=2, checkpoint_every=1)
+    argv = distill_argv(world.data, world.arch, out, work, hard_labels=True, epochs=2, checkpoint_every=1)
     proc, marker = start_paused_run(tmp_path / "kill", "step:2", argv, world.cache)
     deadline = time.time() + 120
     try:

@@ -13,7 +13,7 @@ import distill
 import pipeline
 import train_teacher
 from helpers_distill import TINY_SIZE, TINY_TEACHER, distill_argv, make_course_folder, write_arch
-from toolkit.config import ConfigError, TrainingRun, coerce, parse_config, with_defaults
+from toolkit.config import ConfigError, coerce, parse_config, run_field
 
 CONFIGS = [(distill.DistillConfig, "distill.py"), (train_teacher.TeacherConfig, "train_teacher.py"),
            (pipeline.PipelineConfig, "pipeline.py")]
@@ -61,8 +61,8 @@ def test_pretrained_accepts_a_weights_file(tmp_path):
 
 
 def test_shared_run_fields_keep_each_scripts_defaults_and_the_same_checks(capsys):
-    """TrainingRun's fields are declared once; each script sets its own defaults through
-    with_defaults, and the ranges and choices come along whatever the default."""
+    """TrainingRun's fields are declared once; each script writes its own defaults at its own
+    fields (run_field), and the ranges and choices come along whatever the default."""
     teacher, student = parse_config(train_teacher.TeacherConfig, []), parse_config(distill.DistillConfig, [])
     assert (teacher.epochs, teacher.batch_size, teacher.warmup_epochs, teacher.ema_decay,
             teacher.checkpoint_every) == (6, 64, 0.5, 0.998, 100)
@@ -78,8 +78,8 @@ def test_shared_run_fields_keep_each_scripts_defaults_and_the_same_checks(capsys
         parse_config(train_teacher.TeacherConfig, ["--help"])
     out = capsys.readouterr().out.split("options:", 1)[1]
     assert out.index("--data") < out.index("--seed") < out.index("--epochs") < out.index("--resume")
-    with pytest.raises(TypeError, match="no fields"):
-        with_defaults(TrainingRun, epoch=3)
+    with pytest.raises(TypeError, match="no field"):
+        run_field("epoch", 3)
 
 
 @pytest.mark.parametrize("value,kind,want", [
@@ -130,7 +130,7 @@ def test_saved_teacher_and_student_configs_replay(tmp_path, monkeypatch):
     assert replayed == parse_config(train_teacher.TeacherConfig, teacher_argv)
 
     arch = write_arch(tmp_path / "arch.py")
-    student_argv = distill_argv(data, arch, tmp_path / "s" / "model.pth", tmp_path / "sw", scratch=True, epochs=1)
+    student_argv = distill_argv(data, arch, tmp_path / "s" / "model.pth", tmp_path / "sw", hard_labels=True, epochs=1)
     distill.main(student_argv)
     replayed = parse_config(distill.DistillConfig, ["--config", str(tmp_path / "sw" / "config.yaml")])
     assert replayed == parse_config(distill.DistillConfig, student_argv)
@@ -148,7 +148,7 @@ def test_pipeline_config_replays(tmp_path):
 def test_evaluate_help_describes_every_option(command, capsys):
     from toolkit import evaluate
     with pytest.raises(SystemExit) as stop:
-        evaluate.build_parser().parse_args([command, "--help"])
+        evaluate.parse_args([command, "--help"])
     assert stop.value.code == 0
     out = capsys.readouterr().out.split("options:", 1)[1]
     entries = [" ".join(e.split()) for e in re.split(r"\n(?=  -)", out) if e.strip()]

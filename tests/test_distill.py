@@ -4,7 +4,7 @@
   loads strictly into the student of --arch) and model.provenance.json;
 * the cached soft targets of a view are what the ensemble computes on that very view
   (also through a frozen-trunk cache, within fp16 rounding);
-* out-of-fold masks; --scratch without teachers;
+* out-of-fold masks; --hard-labels without teachers;
 * bad input fails with one clear error before anything is written.
 
 Teachers are timm's ``test_efficientnet`` at 32x32 trained one epoch; the student is MyCNN
@@ -121,9 +121,9 @@ def test_scratch_runs_without_teachers(world, tmp_path):
     empty = tmp_path / "no_teachers"
     empty.mkdir()
     out = tmp_path / "model.pth"
-    distill.main(distill_argv(world.data, world.arch, out, tmp_path / "work", scratch=True,
+    distill.main(distill_argv(world.data, world.arch, out, tmp_path / "work", hard_labels=True,
                               teachers_root=empty, epochs=1))
-    prov = check_outputs(world, out, 0, "scratch")
+    prov = check_outputs(world, out, 0, "hard labels")
     assert prov["ensemble"] == {}
 
 
@@ -146,7 +146,7 @@ def test_student_frozen_stages_train_only_the_rest(world, shared_cache, tmp_path
     torch.manual_seed(0)  # distill.main seeds before building the student: same initial weights
     initial = exec_architecture(world.arch)["model"].state_dict()
     distill.main(distill_argv(world.data, world.arch, out, tmp_path / "work", [] if scratch else world.teachers,
-                              scratch=scratch, epochs=1, student_frozen_stages=2))
+                              hard_labels=scratch, epochs=1, student_frozen_stages=2))
     trained = read_state(out)
     frozen = ("conv_stem.", "bn1.", "blocks.0.", "blocks.1.")
     for key, value in trained.items():
@@ -477,7 +477,7 @@ def test_student_with_wrong_number_of_classes(world, tmp_path, sentinel):
     """architecture.py's model must output one logit per class of the data/teachers."""
     arch5 = write_arch(tmp_path / "arch5.py", num_classes=5)
     expect_failure(world, tmp_path, sentinel, ContractError, "5 classes", teachers=world.teachers[:1], arch=arch5)
-    expect_failure(world, tmp_path, sentinel, ContractError, "5 classes", scratch=True, arch=arch5)
+    expect_failure(world, tmp_path, sentinel, ContractError, "5 classes", hard_labels=True, arch=arch5)
 
 
 def test_missing_architecture_file(world, tmp_path, sentinel):

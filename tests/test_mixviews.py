@@ -6,7 +6,7 @@
 * sampling: deterministic, anchors first, partners only from the pool (never a val image);
 * targets: the stored label of a view is the ensemble on exactly that rendered view; the hard-label
   control's target is lam * y_i + (1 - lam) * y_partner with the share lam of the pixels;
-* distill.py --view-kind mixed end to end, distilled and --scratch, on the tiny world.
+* distill.py --view-kind mixed end to end, distilled and --hard-labels, on the tiny world.
 """
 from __future__ import annotations
 
@@ -179,9 +179,9 @@ def test_distill_on_mixed_views_end_to_end(world, shared_cache, tmp_path, scratc
     out = tmp_path / "model.pth"
     teachers = () if scratch else world.teachers
     prov = distill.main(distill_argv(world.data, world.arch, out, tmp_path / "work", teachers, views=4,
-                                     view_kind="mixed", scratch=scratch, student_frozen_stages=1))
+                                     view_kind="mixed", hard_labels=scratch, student_frozen_stages=1))
     saved = json.loads(out.with_suffix(".provenance.json").read_text())
-    assert saved["recipe"] == ("scratch" if scratch else "mixed kd")
+    assert saved["recipe"] == ("hard labels" if scratch else "mixed kd")
     assert saved["config"]["view_kind"] == "mixed" and prov["student_val"] == saved["student_val"]
     if not scratch:
         assert saved["ensemble"]["views"] == 4 and 0 <= saved["ensemble"]["target_train_acc"] <= 1
@@ -202,7 +202,7 @@ def test_a_recipe_gives_the_student_mixed_views_and_leaves_the_teachers_views():
     recipe = str(ROOT / "recipes" / "mixed.yaml")
     student = parse_config(distill.DistillConfig, ["--recipe", recipe])
     assert (student.view_kind, student.views) == ("mixed", 6)
-    control = parse_config(distill.DistillConfig, ["--recipe", recipe, "--scratch"])
+    control = parse_config(distill.DistillConfig, ["--recipe", recipe, "--hard-labels"])
     assert (control.view_kind, control.views) == ("mixed", 6)  # the hard-label control gets the same views
     assert parse_config(train_teacher.TeacherConfig, ["--recipe", recipe]).views == 2
 
@@ -237,12 +237,12 @@ def test_pipeline_with_a_mixed_recipe_pairs_student_and_control_on_the_same_view
                     "view_kind": "mixed", "views": 4}}))
     work, report = tmp_path / "work", tmp_path / "report"
     pipeline.main(["--data", str(data), "--recipe", str(recipe), "--teachers-root", str(tmp_path / "teachers"),
-                   "--heldout-fold", "0", "--scratch-control", "--work-dir", str(work),
+                   "--heldout-fold", "0", "--hard-label-control", "--work-dir", str(work),
                    "--out", str(tmp_path / "model.pth"), "--report-dir", str(report),
                    *(["--no-report"] if teacher_split == "folds" else [])])
     student = json.loads((tmp_path / "model.provenance.json").read_text())
     control = json.loads((work / "scratch" / "model.provenance.json").read_text())
-    assert student["recipe"] == "mixed kd" and control["recipe"] == "scratch"
+    assert student["recipe"] == "mixed kd" and control["recipe"] == "hard labels"
     for prov in (student, control):
         assert (prov["config"]["view_kind"], prov["config"]["views"], prov["config"]["view_seed"]) == ("mixed", 4, 0)
     assert student["ensemble"]["val_seen_by_teachers"] == 0 and student["ensemble"]["views"] == 4

@@ -15,13 +15,13 @@ import pipeline
 import train_teacher
 from toolkit.config import ConfigError, parse_config
 from toolkit.data import DataError
-from toolkit.engine import RESUME_IRRELEVANT
-from toolkit.recipe import DEFAULT_RECIPE, RecipeError, fold_suffix, load_recipe, parse_member
+from toolkit.engine import RESUME_IRRELEVANT, compared_config
+from toolkit.recipe import Recipe, RecipeError, fold_suffix, load_recipe, parse_member, recipe_field_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 # what the pipeline may tell the scripts: where things are, which fold and member, which seed
 PATH_AND_FOLD_FLAGS = {"--data", "--recipe", "--member", "--fold", "--exclude-folds", "--seed", "--out", "--resume",
-                       "--teachers", "--val-fold", "--view-seed", "--work-dir", "--scratch"}
+                       "--teachers", "--val-fold", "--view-seed", "--work-dir", "--hard-labels"}
 
 
 def flags_of(argv: list[str]) -> set[str]:
@@ -50,18 +50,20 @@ def test_parse_member_refuses_malformed(bad):
 
 
 def test_script_defaults_are_the_default_recipe():
-    """The command line's defaults (and the dataclasses') are the recipe's values."""
+    """The command line's defaults (and the dataclasses') are the default recipe: it sets nothing
+    the fields do not already say (the first teacher's model and size, and the teacher's fold
+    under teacher_split all, are the teacher's field literals)."""
     teacher = parse_config(train_teacher.TeacherConfig, [])
     student = parse_config(distill.DistillConfig, [])
-    for key in ("folds", "views"):  # shared, unless a section sets its own (the student's 6 views)
-        assert getattr(teacher, key) == DEFAULT_RECIPE["teacher"].get(key, DEFAULT_RECIPE[key])
-        assert getattr(student, key) == DEFAULT_RECIPE["student"].get(key, DEFAULT_RECIPE[key])
-    assert teacher.fold == (-1 if DEFAULT_RECIPE["teacher_split"] == "all" else 0)  # a teacher the recipe uses
-    for key, value in DEFAULT_RECIPE["teacher"].items():
-        assert getattr(teacher, key) == value, key
-    for key, value in DEFAULT_RECIPE["student"].items():
-        assert getattr(student, key) == value, key
-    first = parse_member(DEFAULT_RECIPE["teachers"][0])[1]
+    recipe = load_recipe()
+    assert recipe == Recipe()
+    assert teacher.folds == student.folds == recipe.n_folds
+    assert teacher.fold == (-1 if recipe.teacher_split == "all" else 0)  # a teacher the recipe uses
+    for cls, config, section in ((train_teacher.TeacherConfig, teacher, "teacher"),
+                                 (distill.DistillConfig, student, "student")):
+        for key, value in recipe_field_defaults(cls, recipe, section).items():
+            assert getattr(config, key) == value == getattr(cls(), key), key
+    first = parse_member(recipe.teachers[0])[1]
     assert (teacher.model, str(teacher.input_size)) == (first["model"], first["input_size"])
     assert asdict(train_teacher.TeacherConfig()) == asdict(teacher)
     assert asdict(distill.DistillConfig()) == asdict(student)
@@ -81,7 +83,7 @@ def test_train_teacher_trains_exactly_the_committed_teachers():
         cfg = asdict(parse_config(train_teacher.TeacherConfig, argv))
         assert cfg["out"] == f"teachers/{folder.name}"
         saved = yaml.safe_load((folder / "config.yaml").read_text())
-        differ = {k for k in cfg if k not in RESUME_IRRELEVANT and k in saved and saved[k] != cfg[k]}
+        differ = {k for k in compared_config(cfg) if k in saved and saved[k] != cfg[k]}  # the pipeline's rule
         assert differ == set(), (folder.name, differ)
 
 
@@ -89,8 +91,9 @@ def test_distill_defaults_are_the_shipped_students_config():
     """`python distill.py` with no flags is the run that made the shipped model.pth."""
     shipped = json.loads((ROOT / "model.provenance.json").read_text())["config"]
     now = asdict(parse_config(distill.DistillConfig, []))
-    differ = {k for k in shipped if k not in RESUME_IRRELEVANT and shipped[k] != now.get(k)}
-    assert differ == set(), {k: (shipped[k], now.get(k)) for k in differ}
+    new = {k: distill.DistillConfig.RENAMED.get(k, k) for k in shipped}  # scratch: now hard_labels
+    differ = {k for k in shipped if k not in RESUME_IRRELEVANT and shipped[k] != now.get(new[k])}
+    assert differ == set(), {k: (shipped[k], now.get(new[k])) for k in differ}
 
 
 def test_a_recipe_file_changes_all_three_scripts_alike(tmp_path, monkeypatch, make_course):
@@ -156,14 +159,14 @@ def test_heldout_fold_is_never_trained_on_by_teachers_or_student(tmp_path, monke
     root = tmp_path / "teachers"
     pipeline.main(["--data", course, "--teachers-root", str(root), "--no-report", "--heldout-fold", "1",
                    *(["--recipe", str(ROOT / "recipes" / recipe)] if recipe else []),
-                   "--scratch-control", "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "model.pth")])
+                   "--hard-label-control", "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "model.pth")])
     teachers = [argv for kind, argv in calls if kind == "teacher"]
     assert [argv[argv.index("--fold") + 1] for argv in teachers] == folds  # each recipe
     assert all(argv[argv.index("--exclude-folds") + 1] == "1" for argv in teachers)
     student, control = [argv for kind, argv in calls if kind == "distill"]
     for argv in (student, control):
         assert argv[argv.index("--val-fold") + 1] == "1"
-    assert "--scratch" in control and "--scratch" not in student
+    assert "--hard-labels" in control and "--hard-labels" not in student
     assert tables == [(1, [(0, tmp_path / "model.pth", tmp_path / "work" / "scratch" / "model.pth")])]
     strip = {"--out", "--work-dir"}
     keep = [a for i, a in enumerate(student) if a not in strip and (i == 0 or student[i - 1] not in strip)]
@@ -210,11 +213,11 @@ def test_default_recipe_is_in_sample_teachers_and_twenty_epochs_on_mixed_views(t
     recipe = load_recipe()
     assert recipe.teacher_split == "all" and recipe.teacher_folds(0) == [-1]
     assert parse_config(train_teacher.TeacherConfig, []).views == 2
-    cfg = parse_config(pipeline.PipelineConfig, ["--heldout-fold", "0", "--scratch-control",
+    cfg = parse_config(pipeline.PipelineConfig, ["--heldout-fold", "0", "--hard-label-control",
                                                  "--teachers-root", str(tmp_path / "t")])
     for scratch in (False, True):
         student = parse_config(distill.DistillConfig, pipeline.student_argv(cfg, tmp_path / "w", scratch))
-        assert (student.view_kind, student.views, student.epochs, student.scratch) == ("mixed", 6, 20, scratch)
+        assert (student.view_kind, student.views, student.epochs, student.hard_labels) == ("mixed", 6, 20, scratch)
         assert (student.loss, student.temperature, student.alpha) == ("kd", 1.0, 0.5)
         assert student.teachers == [str(tmp_path / "t" / "lite0_224px_all"), str(tmp_path / "t" / "lite2_224px_all")]
 
@@ -253,7 +256,7 @@ def test_student_seeds_give_the_paired_heldout_table(tmp_path, monkeypatch, make
 
     def fake_distill(argv):
         calls.append(argv)
-        seed, scratch = int(argv[argv.index("--seed") + 1]), "--scratch" in argv
+        seed, scratch = int(argv[argv.index("--seed") + 1]), "--hard-labels" in argv
         out = Path(argv[argv.index("--out") + 1])
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(b"student")
@@ -265,9 +268,9 @@ def test_student_seeds_give_the_paired_heldout_table(tmp_path, monkeypatch, make
     monkeypatch.setattr(pipeline.distill, "main", fake_distill)
     work = tmp_path / "work"
     pipeline.main(["--data", str(make_course()), "--teachers-root", str(tmp_path / "t"), "--no-report",
-                   "--heldout-fold", "1", "--scratch-control", "--student-seeds", "1", "2", "0",
+                   "--heldout-fold", "1", "--hard-label-control", "--student-seeds", "1", "2", "0",
                    "--work-dir", str(work), "--out", str(tmp_path / "model.pth")])
-    assert [(a[a.index("--seed") + 1], "--scratch" in a) for a in calls] == \
+    assert [(a[a.index("--seed") + 1], "--hard-labels" in a) for a in calls] == \
         [("0", False), ("0", True), ("1", False), ("1", True), ("2", False), ("2", True)]
     for argv in calls[2:]:  # other seeds: the pipeline's split and views, their own folders
         assert argv[argv.index("--split-seed") + 1] == "0" and argv[argv.index("--view-seed") + 1] == "0"
@@ -281,6 +284,7 @@ def test_student_seeds_give_the_paired_heldout_table(tmp_path, monkeypatch, make
 
 
 def write_provenance(path: Path, val_fold=1, seed=0, split_seed=0, scratch=False, acc=0.88, seen=0) -> Path:
+    """A provenance file as distill.py wrote it before --scratch became --hard-labels (both are read)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"val_fold": val_fold, "student_val": {"val_acc": acc},
                                 "ensemble": {} if scratch else {"val_seen_by_teachers": seen},
@@ -292,7 +296,7 @@ def write_provenance(path: Path, val_fold=1, seed=0, split_seed=0, scratch=False
     ({"split_seed": -1, "seed": 1}, "not the same held-out images"),   # --seed 1 without --split-seed 0
     ({"val_fold": 0}, "not the same held-out images"),
     ({"seed": 2}, "seed 2"),
-    ({"scratch": False}, "expected a distilled student, then its --scratch control"),
+    ({"scratch": False}, "expected a distilled student, then its --hard-labels control"),
 ])
 def test_a_pair_is_one_fold_split_and_seed_distilled_then_control(tmp_path, control, culprit):
     from toolkit.estimates import read_pair

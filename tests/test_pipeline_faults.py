@@ -236,7 +236,7 @@ def test_a_second_run_is_refused_and_the_first_finishes_unharmed(world, referenc
         with pytest.raises(RunLockedError, match=f"pid {first.proc.pid}"):
             distill.main(["--data", str(world.data), "--recipe", str(world.recipe), "--out", str(run / "model.pth"),
                           "--work-dir", str(run / "other-work"), "--teachers-root", str(run / "teachers"),
-                          "--scratch"])
+                          "--hard-labels"])
         Path(str(first.marker) + ".go").write_text("")
         assert first.proc.wait(timeout=240) == 0, (first.folder / "run.log").read_text()[-3000:]
     finally:

@@ -108,7 +108,8 @@ def test_unwritable_output_folder_chmod(world, tmp_path):
         if os.access(locked, os.W_OK):
             pytest.skip("running as root: chmod 0o500 does not stop writes (see the os.access variant below)")
         with pytest.raises(PermissionError, match=f"{locked}: output folder is not writable"):
-            distill.main(distill_argv(world.data, world.arch, locked / "model.pth", tmp_path / "work", scratch=True))
+            distill.main(distill_argv(world.data, world.arch, locked / "model.pth", tmp_path / "work",
+                                      hard_labels=True))
         assert not (locked / "model.pth").exists()
     finally:
         locked.chmod(0o700)
@@ -135,7 +136,7 @@ def test_unwritable_output_folder_command_line_message(world, tmp_path, monkeypa
     locked.mkdir()
     deny_writes_to(monkeypatch, locked)
     monkeypatch.setattr(sys, "argv", ["distill.py", *distill_argv(world.data, world.arch, locked / "model.pth",
-                                                                  tmp_path / "work", scratch=True)])
+                                                                  tmp_path / "work", hard_labels=True)])
     with pytest.raises(SystemExit, match=f"^error: {locked}: output folder is not writable$"):
         runpy.run_path(str(ROOT / "distill.py"), run_name="__main__")
 
@@ -243,7 +244,7 @@ def test_sigkill_leaves_previous_model_and_resume_matches_uninterrupted(
 # ----------------------------------------------------------------------------------------
 # Reproducibility
 # ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("flags", [dict(), dict(mode="online", mixup=0.2), dict(scratch=True)],
+@pytest.mark.parametrize("flags", [dict(), dict(mode="online", mixup=0.2), dict(hard_labels=True)],
                          ids=["cached", "online-mixup", "scratch"])
 def test_same_seed_gives_identical_student(world, shared_cache, tmp_path, flags):
     states, provs = [], []
@@ -261,7 +262,7 @@ def test_different_seed_gives_different_student(world, shared_cache, tmp_path):
     states = []
     for seed in (0, 1):
         out = tmp_path / f"seed{seed}" / "model.pth"
-        distill.main(distill_argv(world.data, world.arch, out, tmp_path / f"work{seed}", scratch=True,
+        distill.main(distill_argv(world.data, world.arch, out, tmp_path / f"work{seed}", hard_labels=True,
                                   epochs=1, seed=seed))
         states.append(read_state(out))
     assert not same_state(*states)
@@ -273,7 +274,7 @@ def test_different_seed_gives_different_student(world, shared_cache, tmp_path):
 def test_class_with_a_single_image_scratch(world, tmp_path):
     data = make_course_folder(tmp_path / "data", counts={"book": 10, "car": 1, "cat": 10})
     out = tmp_path / "model.pth"
-    prov = distill.main(distill_argv(data, world.arch, out, tmp_path / "work", scratch=True, epochs=2))
+    prov = distill.main(distill_argv(data, world.arch, out, tmp_path / "work", hard_labels=True, epochs=2))
     assert prov["classes"] == ["book", "car", "cat"]
     load_student(world.arch, out)
 

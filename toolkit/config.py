@@ -41,20 +41,26 @@ class ConfigError(DataError):
 
 def option(default, help: str, *, choices: tuple | None = None, min: float | None = None,
            max: float | None = None, below: float | None = None, path: str | None = None,
-           or_file: bool = False, check=None):
-    """A dataclass field with its CLI metadata.
+           or_file: bool = False, check=None, positional: bool = False, acts_on: tuple | None = None):
+    """A dataclass field with its CLI metadata; ``default`` REQUIRED: a flag that must be given.
 
     choices: the allowed values (for lists: of each item); ``or_file``: or an existing file.
     min / max: inclusive bounds, below: exclusive upper bound (floats must also be finite).
     path: "in_dir" / "in_file" must exist; "out_file" / "out_dir" must be creatable or
     writable (not a folder where a file goes, not under a regular file, folder writable).
     check: ``check(value) -> problem string or None`` for anything else.
+    positional: a positional argument (``RUN ...`` for a list), not a ``--flag``.
+    acts_on: ``(predicate(config) -> bool, "the paths it acts on")``: a value other than the default
+    is refused in one line when the config takes a path the option cannot act on.
     """
     meta = {"help": help, "choices": choices, "min": min, "max": max, "below": below, "path": path,
-            "or_file": or_file, "check": check}
+            "or_file": or_file, "check": check, "positional": positional, "acts_on": acts_on}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+REQUIRED = dataclasses.MISSING  # option(REQUIRED, ...): no default, the flag must be given
 
 
 class ConfigParser(argparse.ArgumentParser):
@@ -65,25 +71,30 @@ class ConfigParser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see --help)")
 
 
-def parse_config(cls, argv: list[str] | None = None, description: str | None = None):
+def parse_config(cls, argv: list[str] | None = None, description: str | None = None, prog: str | None = None):
     """argv (default sys.argv[1:]) -> a checked ``cls`` instance; ConfigError on any bad value."""
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = ConfigParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", type=Path, metavar="FILE.yaml",
                      help="a YAML file of field: value defaults (e.g. a run's saved config.yaml); flags override it")
     known, _ = pre.parse_known_args(argv)
+    for old, new in getattr(cls, "RENAMED", {}).items():  # an old spelling: a hint, not "unrecognized"
+        flag = "--" + old.replace("_", "-")
+        if any(a in (flag, "--no-" + flag[2:]) or a.startswith(flag + "=") for a in argv):
+            raise ConfigError(f"{flag}: renamed --{new.replace('_', '-')} (see --help)")
     hints = typing.get_type_hints(cls)
-    # the script's own fields first in --help: those of the first class that is not only new defaults
-    own = next(c for c in cls.__mro__ if not c.__dict__.get("_only_defaults")).__dict__.get("__annotations__", {})
-    fields = {f.name: f for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own)}
-    recipe_source, recipe_values = recipe_defaults(cls, argv)
-    file_values = read_config_file(known.config, fields, hints) if known.config is not None else {}
+    # the script's own fields first in --help, then those it shares with others (TrainingRun's)
+    shared = {f.name for base in cls.__mro__[1:] if dataclasses.is_dataclass(base) for f in dataclasses.fields(base)}
+    fields = {f.name: f for f in sorted(dataclasses.fields(cls), key=lambda f: f.name in shared)}
+    # a recipe file names an alternative (toolkit.recipe): the config's ``argv_defaults(argv)``
+    recipe_source, recipe_values = cls.argv_defaults(argv) if hasattr(cls, "argv_defaults") else ("", {})
+    file_values = (read_config_file(known.config, fields, hints, getattr(cls, "RENAMED", {}))
+                   if known.config is not None else {})
 
-    parser = ConfigParser(description=description or cls.__doc__, parents=[pre], allow_abbrev=False,
+    parser = ConfigParser(description=description or cls.__doc__, parents=[pre], allow_abbrev=False, prog=prog,
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    defaults = {}
     for field in fields.values():
-        default = file_values.get(field.name, recipe_values.get(
-            field.name, field.default if field.default is not dataclasses.MISSING else field.default_factory()))
         flag = "--" + field.name.replace("_", "-")
         kind, meta = hints[field.name], field.metadata
         help_text = (meta.get("help") or " ") + _range_text(meta)
@@ -91,10 +102,25 @@ def parse_config(cls, argv: list[str] | None = None, description: str | None = N
         if choices and meta.get("or_file"):
             help_text += f" (one of {', '.join(map(str, choices))}, or a file)"
             choices = None  # checked below: argparse cannot express "or a file"
-        if kind is bool:
+        if field.default is REQUIRED and field.default_factory is REQUIRED and field.name not in file_values:
+            default = argparse.SUPPRESS
+        else:
+            default = file_values.get(field.name, recipe_values.get(
+                field.name, field.default if field.default is not REQUIRED else field.default_factory()))
+        defaults[field.name] = default
+        many = typing.get_origin(kind) in (list, tuple)
+        if meta.get("positional"):
+            item = typing.get_args(kind)[0] if many else kind
+            parser.add_argument(field.name, nargs="+" if many else None, type=item, help=help_text,
+                                metavar=field.name.upper())
+        elif default is argparse.SUPPRESS:
+            parser.add_argument(flag, dest=field.name, nargs="+" if many else None, required=True,
+                                type=typing.get_args(kind)[0] if many else kind, help=help_text + " (required)",
+                                choices=choices, default=default)
+        elif kind is bool:
             parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
                                 default=default, help=help_text)
-        elif typing.get_origin(kind) in (list, tuple):
+        elif many:
             item = typing.get_args(kind)[0]
             parser.add_argument(flag, dest=field.name, nargs="*", type=item, default=default, help=help_text,
                                 choices=choices, metavar=item.__name__.upper() if not choices else None)
@@ -122,23 +148,30 @@ def parse_config(cls, argv: list[str] | None = None, description: str | None = N
         if found:
             name, problem = found
             raise ConfigError(f"{culprit(name)}: {problem}")
+    for name, field in fields.items():  # an option this run's path cannot act on: refused, never ignored
+        acts_on = field.metadata.get("acts_on")
+        if acts_on and getattr(cfg, name) != defaults[name] and not acts_on[0](cfg):
+            raise ConfigError(f"{culprit(name)}: acts on {acts_on[1]} only, not on this run's path; drop it")
     return cfg
 
 
-def recipe_defaults(cls, argv: list[str]) -> tuple[str, dict]:
-    """(source, {field: value}): the defaults a script's config takes from the recipe
-    (``toolkit.recipe``), for a config that names its section (``RECIPE_SECTION``): the default
-    recipe, or the one ``--recipe FILE`` names; for the teacher, the teacher ``--member NAME``."""
-    section = getattr(cls, "RECIPE_SECTION", None)
-    if section is None:
-        return "", {}
-    from .recipe import load_recipe, recipe_field_defaults
-    pre = ConfigParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--recipe", default="")
-    pre.add_argument("--member", default="")
-    known, _ = pre.parse_known_args(argv)
-    recipe = load_recipe(known.recipe)
-    return recipe.source, recipe_field_defaults(cls, recipe, section, known.member)
+def parse_command(commands: dict[str, type], argv: list[str] | None = None, prog: str = "",
+                  description: str = "") -> tuple[str, object]:
+    """``COMMAND [flags]`` -> (command, its config checked by ``parse_config``): one dataclass per
+    command; a missing or unknown command is one ConfigError line, ``--help`` lists the commands."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    names = ", ".join(commands)
+    if argv[:1] in (["-h"], ["--help"]):
+        width = max(map(len, commands))
+        lines = [f"  {name:<{width}}  {(cls.__doc__ or '').strip().splitlines()[0]}" for name, cls in commands.items()]
+        print(f"usage: {prog} COMMAND [flags]   ({prog} COMMAND --help: its flags)\n\n{description}\n\n"
+              "commands:\n" + "\n".join(lines))
+        raise SystemExit(0)
+    if not argv or argv[0].startswith("-"):
+        raise ConfigError(f"COMMAND: missing, the first word is one of {names} (see --help)")
+    if argv[0] not in commands:
+        raise ConfigError(f"{argv[0]}: invalid command (choose from {names})")
+    return argv[0], parse_config(commands[argv[0]], argv[1:], prog=f"{prog} {argv[0]}".strip())
 
 
 def _range_text(meta) -> str:
@@ -174,11 +207,15 @@ def load_yaml_mapping(path: Path, what: str = "config file", expected: str = "'f
     return raw
 
 
-def read_config_file(path: Path, fields: dict, hints: dict) -> dict:
-    """YAML file -> {field: value coerced to the field's type}; ConfigError naming file and key."""
+def read_config_file(path: Path, fields: dict, hints: dict, renamed: dict | None = None) -> dict:
+    """YAML file -> {field: value coerced to the field's type}; ConfigError naming file and key
+    (a key ``renamed`` maps to its new name: a hint saying so)."""
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found" + (" (it is a folder)" if path.is_dir() else ""))
     raw = load_yaml_mapping(path)
+    old = sorted(set(map(str, raw)) & set(renamed or {}))
+    if old:
+        raise ConfigError(f"{path}: {old[0]}: renamed {renamed[old[0]]} (write {renamed[old[0]]}: in the file)")
     unknown = sorted(set(map(str, raw)) - set(fields) - RECORDED_KEYS)
     if unknown:
         raise ConfigError(f"{path}: unknown keys {unknown} (valid: {', '.join(fields)})")
@@ -258,7 +295,7 @@ def check_value(value, meta) -> str | None:
             if not (meta.get("or_file") and Path(str(v)).is_file()):
                 allowed = ", ".join(map(str, choices)) + (" or an existing file" if meta.get("or_file") else "")
                 return f"invalid choice {v!r} (choose from {allowed})"
-    if meta.get("path"):
+    if meta.get("path") and value != "":  # an empty path: not given (the field's help says what then)
         problem = path_problem(value, meta["path"])
         if problem:
             return problem
@@ -333,43 +370,38 @@ def check_recipe_path(path: str) -> str | None:
 # ----------------------------------------------------------------------------------------
 # Fields shared by the training scripts
 # ----------------------------------------------------------------------------------------
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class TrainingRun:
     """The fields every training script shares: schedule, optimiser, sampling, split, device,
-    checkpoints (``engine.make_trainer`` reads them). A script's config inherits them through
-    ``with_defaults`` with its own defaults, so each is declared, documented and checked once."""
-    epochs: int = option(10, "training epochs", min=1)
-    batch_size: int = option(128, "images per step", min=1)
+    checkpoints (``engine.make_trainer`` reads them), each declared, documented and checked once.
+    Those the scripts set apart (epochs, batch size, warm-up, EMA, checkpoint cadence) have no
+    default here: each script declares its own with ``run_field``, at its own field."""
+    epochs: int = option(dataclasses.MISSING, "training epochs", min=1)
+    batch_size: int = option(dataclasses.MISSING, "images per step", min=1)
     lr: float = option(2e-3, "learning rate per 256 images (actual: lr * batch_size / 256)", min=1e-8)
     optimizer: str = option("adamw", "optimizer", choices=("adamw", "sgd"))
     weight_decay: float = option(0.05, "decoupled weight decay (not on biases and norms)", min=0, max=10)
-    warmup_epochs: float = option(1.0, "linear warm-up, epochs", min=0)
-    ema_decay: float = option(0.999, "EMA of the weights (0: off)", min=0, below=1)
+    warmup_epochs: float = option(dataclasses.MISSING, "linear warm-up, epochs", min=0)
+    ema_decay: float = option(dataclasses.MISSING, "EMA of the weights (0: off)", min=0, below=1)
     balance_power: float = option(0.5, "class-balanced sampling: class c drawn ~ n_c ** power (0: uniform)",
                                   min=0, max=1)
-    folds: int = option(5, "k of the stratified k-fold split", min=2)
+    folds: int = option(3, "k of the stratified k-fold split", min=2)
     device: str = option("auto", "auto, cpu, cuda, cuda:N or mps", check=check_device)
     amp: bool = option(True, "bf16/fp16 autocast, on CUDA only")
-    checkpoint_every: int = option(200, "steps between checkpoints (0: only at epoch ends)", min=0)
+    checkpoint_every: int = option(dataclasses.MISSING, "steps between checkpoints (0: only at epoch ends)", min=0)
     resume: bool = option(False, "continue from checkpoint.pth in the run's folder (a teacher's --out, a "
-                          "student's --work-dir); it must belong to this run")
+                          "student's --work-dir); it must belong to this run (a finished run of another "
+                          "config or data is refused; of this one: nothing left to do)")
     keep_checkpoint: bool = option(False, "keep the training checkpoint.pth once the result is written "
-                                   "(default: removed, the result and log.json describe the run)")
-    recipe: str = option("", "recipe file (YAML) whose values are this script's defaults; empty: the default "
-                         "recipe (toolkit/recipe.py)", check=check_recipe_path)
+                                   "(otherwise it is removed: the result and log.json describe the run)")
+    recipe: str = option("", "recipe file (YAML) naming an alternative to the default recipe (the field "
+                         "defaults); see toolkit/recipe.py", check=check_recipe_path)
 
 
-def with_defaults(base, **defaults):
-    """``base`` (a config dataclass) with other defaults for some of its fields; help, choices
-    and checks stay the base's. Inherited fields keep their place after the script's own in --help."""
-    fields = {f.name: f for f in dataclasses.fields(base)}
-    unknown = sorted(set(defaults) - set(fields))
-    if unknown:
-        raise TypeError(f"{base.__name__} has no fields {unknown}")
-    hints = typing.get_type_hints(base)
-    namespace = {"__annotations__": {name: hints[name] for name in defaults}, "__module__": base.__module__,
-                 "__doc__": base.__doc__, "__qualname__": base.__qualname__, "_only_defaults": True}
-    for name, value in defaults.items():
-        meta = dict(fields[name].metadata)
-        namespace[name] = option(value, meta.pop("help"), **meta)
-    return dataclasses.dataclass(type(base.__name__, (base,), namespace))
+def run_field(name: str, default):
+    """TrainingRun's field ``name`` (its help, range and checks) with a script's own ``default``."""
+    base = {f.name: f for f in dataclasses.fields(TrainingRun)}
+    if name not in base:
+        raise TypeError(f"TrainingRun has no field {name!r}")
+    meta = dict(base[name].metadata)
+    return option(default, meta.pop("help"), **meta)

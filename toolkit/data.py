@@ -220,6 +220,12 @@ def folder_fingerprint(folder: Path, names: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def course_fingerprint(folder: str | Path) -> str:
+    """The fingerprint ``load_course_folder`` gives ``folder``, without decoding an image."""
+    folder = Path(folder).resolve()
+    return folder_fingerprint(folder, [name for name, _ in read_labels(folder)])
+
+
 # ----------------------------------------------------------------------------------------
 # The decoded data set
 # ----------------------------------------------------------------------------------------

@@ -57,11 +57,22 @@ RESUME_IRRELEVANT = frozenset({"resume", "checkpoint_every", "device", "amp", "o
                                "member"})
 
 
+# A teacher on a cached trunk trains on fixed views: its online-only augmentations cannot act there.
+ONLINE_ONLY = frozenset({"trivial_augment", "mixup", "cutmix"})
+
+
+def compared_config(config: dict) -> dict:
+    """The part of a run's config that decides what it computes: not RESUME_IRRELEVANT, and for a
+    teacher on a cached trunk (``trunk_cache``, ``frozen_stages`` > 0) not ONLINE_ONLY."""
+    cached = bool(config.get("trunk_cache")) and (config.get("frozen_stages") or 0) > 0
+    drop = RESUME_IRRELEVANT | (ONLINE_ONLY if cached else frozenset())
+    return {k: v for k, v in config.items() if k not in drop}
+
+
 def run_identity(config: dict, fingerprint: str) -> dict:
     """What a checkpoint must share with the run that resumes it (the model's parameter names
     and shapes are added by the Trainer)."""
-    return {"data_fingerprint": fingerprint,
-            "config": {k: v for k, v in config.items() if k not in RESUME_IRRELEVANT}}
+    return {"data_fingerprint": fingerprint, "config": compared_config(config)}
 
 
 # ----------------------------------------------------------------------------------------
@@ -347,6 +358,47 @@ def identity_mismatch(saved: dict | None, now: dict) -> str | None:
     if saved.get("model") != now.get("model"):
         return "the model's parameter names or shapes differ"
     return None
+
+
+def finished_run_config(folder: str | Path) -> dict | None:
+    """The recorded config of a run that finished in ``folder``, or None. A finished run wrote
+    its config.yaml last and removed its checkpoint.pth (``--keep-checkpoint`` keeps it: then the
+    checkpoint's own identity check applies); the data fingerprint is its config.yaml's key
+    ``data_fingerprint`` (a teacher's) or that of its run_info.json (a student's)."""
+    import yaml
+    folder = Path(folder)
+    if (folder / CHECKPOINT).is_file() or not (folder / "config.yaml").is_file():
+        return None
+    try:
+        saved = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
+        info = json.loads((folder / "run_info.json").read_text()) if (folder / "run_info.json").is_file() else {}
+    except (OSError, ValueError, yaml.YAMLError):
+        saved = None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{folder / 'config.yaml'}: --resume: the finished run's config cannot be read; "
+                              "run without --resume to start afresh, or use another folder")
+    saved.setdefault("data_fingerprint", info.get("data_fingerprint") if isinstance(info, dict) else None)
+    return saved
+
+
+def check_resume_of_finished(folder: str | Path, config: dict, fingerprint: str | None, result: str) -> bool:
+    """``--resume`` over a folder whose run finished: True if it is this very run (same config
+    and data: nothing left to do); CheckpointError naming what differs if it is another (its
+    ``result``, config.yaml and log.json stay as they are); False if no run finished there.
+    ``fingerprint`` None: compare the config only (the data is not read yet)."""
+    saved = finished_run_config(folder)
+    if saved is None:
+        return False
+    keys = list(compared_config(config))
+    old = {"data_fingerprint": saved["data_fingerprint"] if fingerprint is not None else None,
+           "config": {k: saved.get(k) for k in keys}}
+    new = {"data_fingerprint": fingerprint, "config": {k: config[k] for k in keys}}
+    problem = identity_mismatch(old, new)
+    if problem:
+        raise CheckpointError(f"{folder}: --resume: the run that finished there is another run ({problem}); "
+                              f"its {result}, config.yaml and log.json are kept: run without --resume to replace "
+                              "them, or use another folder")
+    return True
 
 
 def save_run_config(out_dir: str | Path, config: dict, info: dict) -> None:

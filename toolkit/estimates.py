@@ -105,7 +105,7 @@ PAIR_FIELDS = ["fold", "seed", "distilled", "hard_label"]
 def read_pair(distilled: str | Path, control: str | Path) -> dict:
     """One row of the paired comparison (accuracies in percent) from the provenance files of a
     distilled student and its hard-label control. DataError unless both are nested held-out runs
-    on the same fold of the same split, with the same seed, and the control is the --scratch one
+    on the same fold of the same split, with the same seed, and the control is the --hard-labels one
     (a control scored on another split, e.g. ``--seed S`` without ``--split-seed``, is no pair)."""
     rows, configs = [], []
     for path in (distilled, control):
@@ -117,8 +117,10 @@ def read_pair(distilled: str | Path, control: str | Path) -> dict:
                         f"split (folds, seed) {split[1]} against fold {rows[0]['val_fold']} of {split[0]})")
     if rows[0]["seed"] != rows[1]["seed"]:
         raise DataError(f"{control}: seed {rows[1]['seed']}, its distilled student {distilled}: {rows[0]['seed']}")
-    if [configs[0].get("scratch"), configs[1].get("scratch")] != [False, True]:
-        raise DataError(f"{distilled} / {control}: expected a distilled student, then its --scratch control")
+    # hard_labels, spelt scratch in provenance files written before the rename
+    hard = [c.get("hard_labels", c.get("scratch")) for c in configs]
+    if hard != [False, True]:
+        raise DataError(f"{distilled} / {control}: expected a distilled student, then its --hard-labels control")
     return {"fold": rows[0]["val_fold"], "seed": rows[0]["seed"], "distilled": round(100 * rows[0]["accuracy"], 2),
             "hard_label": round(100 * rows[1]["accuracy"], 2)}
 

@@ -5,37 +5,41 @@
                                        [--indices-file held_out.pt|.json] [--heldout PROVENANCE ...]
     python -m toolkit.evaluate grader  --data FOLDER [--arch architecture.py] [--weights model.pth]
     python -m toolkit.evaluate predict --images FILE_OR_FOLDER [...] --out preds.csv
-                                       [--student ARCH WEIGHTS | --teachers [DIR ...]]
+                                       [--student ARCH WEIGHTS | --ensemble [--teachers DIR ...]]
                                        (default: the shipped student, architecture.py + model.pth)
     python -m toolkit.evaluate export  [--arch architecture.py] [--weights model.pth] --out DIR
                                        [--images FILE_OR_FOLDER ...]
     python -m toolkit.evaluate compare RUN [RUN ...] [--out table.csv|table.md]
 
-(also installed as the console script ``toolkit-evaluate``). Every bad input ends the
-command with one line ``error: <culprit>: <what is wrong>``.
+(also installed as the console script ``toolkit-evaluate``). Each command's flags are made from
+its dataclass below, like the training scripts' (``toolkit.config``): a bad command or flag ends
+with one line ``error: <culprit>: <what is wrong>`` and exit code 2 before any work; anything
+found while running (data, teachers, the architecture) with one line and exit code 1.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import datetime
 import io
 import logging
 import sys
 import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from .backbones import TeacherError
-from .config import ConfigError, ConfigParser
+from .cli import one_line
+from .config import REQUIRED, ConfigError, option, parse_command
 from .data import DataError, load_course_folder, load_image_files
 from .ensemble import load_ensemble, members_identity_logits
 from .estimates import oof_ensemble_log_probs, read_heldout, student_seen, teacher_seen
 from .export import PARITY_TOLERANCE, export_student
 from .files import expand_images, load_indices, sha256_file
 from .grader import load_server_batch
-from .io import atomic_write_json, atomic_write_text, ensure_writable_dir, output_problem
+from .io import atomic_write_json, atomic_write_text, ensure_writable_dir
 from .metrics import model_cost
 from .student import ContractError, check_output, load_student_checked, student_classes, student_log_probs
 from .teachers import predict_logits
@@ -222,96 +226,111 @@ def cmd_compare(args) -> None:
 
 
 # ----------------------------------------------------------------------------------------
-# CLI
+# CLI: one dataclass per command (flags, help, defaults and checks made from its fields)
 # ----------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    # one-line errors ("error: --flag: ..."), no guessing of abbreviated flags; subparsers inherit both
-    parser = ConfigParser(prog="toolkit-evaluate", description=__doc__.split("\n")[0], formatter_class=fmt,
-                          allow_abbrev=False)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _student_pair(value: list[str]) -> str | None:
+    return None if len(value) == 2 else f"expected ARCH WEIGHTS (2 paths), got {len(value)}"
 
-    def student_args(p):
-        p.add_argument("--arch", type=Path, default=Path("architecture.py"), help="student architecture.py")
-        p.add_argument("--weights", type=Path, default=Path("model.pth"), help="student state_dict")
 
-    p = sub.add_parser("report", formatter_class=fmt,
-                       help="student vs each teacher vs ensemble: report.md, metrics.json, figures")
-    p.add_argument("--data", type=Path, required=True, help="labelled course folder (labels.csv)")
-    student_args(p)
-    p.add_argument("--teachers", type=Path, nargs="+", default=None,
-                   help="teacher folders (default: every folder under teachers/ with a teacher.pth)")
-    p.add_argument("--out", type=Path, required=True, help="report folder, e.g. reports/NAME")
-    p.add_argument("--indices-file", type=Path, default=None,
-                   help=".pt/.json of sample indices (labels.csv order) to restrict to, e.g. a held-out fold")
-    p.add_argument("--heldout", type=Path, nargs="+", default=None, metavar="PROVENANCE",
-                   help="model.provenance.json of nested held-out student runs (distill.py --val-fold F, "
-                        "e.g. runs/estimate_v0_s0/distilled/ from scripts/heldout_estimate.sh): reported first")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass [>= 1]")
-    p.add_argument("--latency-runs", type=int, default=20,
-                   help="timed batch-1 runs of the student (batch 256: a tenth; teachers: a quarter, batch 1 only); "
-                        "0 skips latency")
-    p.add_argument("--latency-threads", type=int, default=1,
-                   help="torch threads while timing latency (1 = stable numbers on a busy machine)")
-    p.add_argument("--max-examples", type=int, default=24, help="images in the student-wrong/ensemble-right grid")
-    p.set_defaults(func=cmd_report)
+@dataclass(kw_only=True)
+class StudentFiles:
+    arch: str = option("architecture.py", "the student's architecture file (defines model = MyCNN(...))")
+    weights: str = option("model.pth", "the student's state_dict")
 
-    p = sub.add_parser("grader", formatter_class=fmt,
-                       help="accuracy exactly as the course server computes it (whole folder, one batch)")
-    p.add_argument("--data", type=Path, required=True, help="labelled course folder (labels.csv)")
-    student_args(p)
-    p.set_defaults(func=cmd_grader)
 
-    p = sub.add_parser("predict", formatter_class=fmt, help="classify unlabelled images into a CSV")
-    p.add_argument("--images", nargs="+", required=True, help="image files and/or folders of images")
-    p.add_argument("--out", type=Path, required=True, help="CSV with columns file,class,probability")
-    who = p.add_mutually_exclusive_group()
-    who.add_argument("--student", nargs=2, type=Path, metavar=("ARCH", "WEIGHTS"),
-                     default=(Path("architecture.py"), Path("model.pth")),
-                     help="predict with this architecture.py + model.pth (the default: the shipped student)")
-    who.add_argument("--teachers", nargs="*", type=Path, metavar="DIR",
-                     help="predict with the ensemble of these teacher folders (none given: all under teachers/)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass [>= 1]")
-    p.set_defaults(func=cmd_predict)
+@dataclass(kw_only=True)
+class ReportConfig(StudentFiles):
+    """student vs each teacher vs ensemble: report.md, metrics.json, figures"""
+    data: str = option(REQUIRED, "labelled course folder (labels.csv + images)", path="in_dir")
+    teachers: list[str] = option([], "teacher folders (none given: every folder under teachers/ with a teacher.pth)")
+    out: str = option(REQUIRED, "report folder, e.g. reports/NAME", path="out_dir")
+    indices_file: str = option("", ".pt/.json of sample indices (labels.csv order) to restrict to, e.g. a held-out "
+                               "fold (empty: every image)", path="in_file")
+    heldout: list[str] = option([], "model.provenance.json of nested held-out student runs (distill.py --val-fold F, "
+                                "e.g. from scripts/heldout_estimate.sh): reported first")
+    batch_size: int = option(256, "images per forward pass", min=1)
+    latency_runs: int = option(20, "timed batch-1 runs of the student (batch 256: a tenth; teachers: a quarter, "
+                               "batch 1 only); 0 skips latency", min=0)
+    latency_threads: int = option(1, "torch threads while timing latency (1 = stable numbers on a busy machine)",
+                                  min=1)
+    max_examples: int = option(24, "images in the student-wrong/ensemble-right grid", min=0)
 
-    p = sub.add_parser("export", formatter_class=fmt,
-                       help="TorchScript + ONNX of the student, with parity checks against eager PyTorch")
-    student_args(p)
-    p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--images", nargs="+", default=None,
-                   help="real images (files/folders) for the parity check; default: random inputs")
-    p.add_argument("--n-check", type=int, default=64, help="images used for the parity check")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset")
-    p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("compare", formatter_class=fmt,
-                       help="runs side by side: the config values that differ and the final metrics")
-    p.add_argument("runs", nargs="+", type=Path, metavar="RUN",
-                   help="run folders (holding log.json; folders above them are searched), e.g. runs/* teachers/*")
-    p.add_argument("--out", type=Path, default=None, help="also write the table: .csv, or markdown otherwise")
-    p.set_defaults(func=cmd_compare)
-    return parser
+@dataclass(kw_only=True)
+class GraderConfig(StudentFiles):
+    """accuracy exactly as the course server computes it (whole folder, one batch)"""
+    data: str = option(REQUIRED, "labelled course folder (labels.csv + images)", path="in_dir")
+
+
+@dataclass(kw_only=True)
+class PredictConfig:
+    """classify unlabelled images into a CSV"""
+    images: list[str] = option(REQUIRED, "image files and/or folders of images")
+    out: str = option(REQUIRED, "CSV with columns file,class,probability", path="out_file")
+    student: list[str] = option(["architecture.py", "model.pth"], "predict with this student ARCH WEIGHTS",
+                                check=_student_pair)
+    teachers: list[str] = option([], "predict with the ensemble of these teacher folders instead of the student")
+    ensemble: bool = option(False, "predict with the teachers' ensemble: --teachers, or every folder under "
+                            "teachers/ with a teacher.pth")
+    batch_size: int = option(256, "images per forward pass", min=1)
+
+    def check(self):
+        shipped = next(f.default_factory() for f in fields(self) if f.name == "student")
+        if (self.teachers or self.ensemble) and self.student != shipped:
+            return "student", "predicts with the student; --teachers / --ensemble with the ensemble: give one"
+        return None
+
+
+@dataclass(kw_only=True)
+class ExportConfig(StudentFiles):
+    """TorchScript + ONNX of the student, with parity checks against eager PyTorch"""
+    out: str = option(REQUIRED, "output folder", path="out_dir")
+    images: list[str] = option([], "real images (files/folders) for the parity check (none: random inputs)")
+    n_check: int = option(64, "images used for the parity check", min=1)
+    opset: int = option(17, "ONNX opset", min=7)
+
+
+@dataclass(kw_only=True)
+class CompareConfig:
+    """runs side by side: the config values that differ and the final metrics"""
+    runs: list[str] = option(REQUIRED, "run folders (holding log.json; folders above them are searched), e.g. "
+                             "runs/* teachers/*", positional=True)
+    out: str = option("", "also write the table: .csv, or markdown otherwise (empty: print it only)",
+                      path="out_file")
+
+
+COMMANDS = {"report": (ReportConfig, cmd_report), "grader": (GraderConfig, cmd_grader),
+            "predict": (PredictConfig, cmd_predict), "export": (ExportConfig, cmd_export),
+            "compare": (CompareConfig, cmd_compare)}
+PATH_FIELDS = ("arch", "weights", "data", "out", "indices_file")
+
+
+def parse_args(argv: list[str] | None = None):
+    """argv -> (the command's function, its arguments: the config's fields, paths as Path, an
+    empty path as None); ConfigError for a bad command or flag."""
+    name, cfg = parse_command({k: cls for k, (cls, _) in COMMANDS.items()}, argv, prog="toolkit-evaluate",
+                              description=__doc__.split("\n")[0])
+    args = {k: (Path(v) if v else None) if k in PATH_FIELDS else v for k, v in asdict(cfg).items()}
+    if "teachers" in args:  # report: None = every teacher under teachers/; predict: None = the student
+        use = args["teachers"] or (name == "report" or args.get("ensemble"))
+        args["teachers"] = [Path(t) for t in args["teachers"]] if use else None
+    if "student" in args:
+        args["student"] = tuple(Path(p) for p in args["student"])
+    if "runs" in args:
+        args["runs"] = [Path(r) for r in args["runs"]]
+    return COMMANDS[name][1], SimpleNamespace(command=name, **args)
 
 
 def main(argv: list[str] | None = None) -> None:
     from .runlog import setup_logging
     setup_logging()
     try:
-        args = build_parser().parse_args(argv)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        func, args = parse_args(argv)
+    except ConfigError as err:  # every bad command or flag: one line, exit 2, before any work
+        print(f"error: {one_line(err)}", file=sys.stderr)
         raise SystemExit(2) from None
-    for name in ("batch_size", "n_check", "latency_threads"):
-        if getattr(args, name, 1) < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
-    if getattr(args, "latency_runs", 0) < 0:
-        raise SystemExit("error: --latency-runs must be >= 0")
     try:
-        if getattr(args, "out", None) is not None:  # a folder, or a CSV / table file: checked before any work
-            problem = output_problem(args.out, is_dir=args.command in ("report", "export"))
-            if problem:
-                raise SystemExit(f"error: --out: {problem}")
-        args.func(args)
+        func(args)
     except DataError as err:  # also ContractError and TeacherError (subclasses)
         raise SystemExit(f"error: {err}") from None
     except PermissionError as err:

@@ -1,27 +1,27 @@
-"""The recipe: the one definition of what ``./run.sh`` trains, read by all three scripts.
+"""The recipe: what ``./run.sh`` trains, and the way to name an alternative.
 
-``train_teacher.py``, ``distill.py`` and ``pipeline.py`` take their defaults from it (through
-``parse_config``): ``python train_teacher.py`` trains the recipe's first teacher,
-``python distill.py`` distils the recipe's student, and the pipeline passes them nothing but
-paths, the fold, the member and the seed. A recipe file (YAML, ``--recipe FILE``) names an
-alternative: it lists only what differs from ``DEFAULT_RECIPE``, in its sections::
+The default recipe is the scripts' own field defaults (``TeacherConfig``, ``DistillConfig``: the
+value written at each field is the one that runs) plus what no single script holds: the list of
+teachers and how they split the data (``Recipe()``). ``python train_teacher.py`` trains the
+recipe's first teacher, ``python distill.py`` distils its student, and ``pipeline.py`` passes them
+nothing but paths, the fold, the member and the seed. A recipe file (YAML, ``--recipe FILE``)
+names an alternative: it lists only what differs, in its sections::
 
-    folds: 3                      # shared by the teachers' split and the student's
-    views: 2                      # cached views per image, teachers and student alike (a section may
-                                  # set its own: the default student has 6)
+    folds: 5                      # both scripts' --folds (the teachers' split and the student's)
+    views: 2                      # both scripts' --views (cached views per image)
     teachers:                     # one entry per teacher recipe: MODEL@SIZE[:flag=value,...]
       - efficientnet_lite0@224
       - efficientnet_lite2@260:epochs=8
-    teacher: {pretrained: offline, epochs: 6}   # train_teacher.py fields, as in its config.yaml
-    student: {epochs: 10}                       # distill.py fields, as in its config.yaml
+    teacher: {epochs: 8}          # train_teacher.py fields, as in its config.yaml
+    student: {view_kind: shift}   # distill.py fields, as in its config.yaml
     teacher_split: folds          # folds: k fold teachers per recipe; all: one on every image
 
 With ``teacher_split: folds`` each teacher recipe is trained as ``folds`` fold teachers
 ``<name>_f<fold>`` (name: ``lite2_260px`` for ``efficientnet_lite2@260``), each labelling the fold
-it never saw (out-of-fold targets). With ``teacher_split: all`` it is one teacher ``<name>_all``
-trained on every image the run may use (all but a nested estimate's held-out fold), whose
-targets on the student's images are in-sample (one head per recipe to train instead of k).
-The ensemble is all of the recipe's teachers.
+it never saw (out-of-fold targets). With ``teacher_split: all`` (the default) it is one teacher
+``<name>_all`` trained on every image the run may use (all but a nested estimate's held-out
+fold), whose targets on the student's images are in-sample. The ensemble is all of the recipe's
+teachers. Why the default recipe is what it is, with the evidence: docs/results.md.
 """
 from __future__ import annotations
 
@@ -32,34 +32,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ConfigError
+from .config import ConfigError, ConfigParser, TrainingRun, coerce, load_yaml_mapping
 
-# Why these values (measured on this 2-core CPU; docs/results.md):
-#  * teachers larger and sharper than the student: EfficientNet-Lite0 and -Lite2 from offline
-#    ImageNet weights at 224 px RGB (resolution was the lever: lite0 160 -> 224 px is +3.9
-#    points; Lite2 adds a point and diversity), stem + 5 stages frozen and their features
-#    computed once for `views` views (the plain image and its mirror);
-#  * one teacher per recipe on every image (teacher_split: all): its targets on the student's
-#    images are in-sample (with mixed views that still won every nested pair below), and it
-#    trains one head per recipe instead of 3 fold heads, which pays for the longer schedule;
-#  * patient and consistent distillation (issue 21; Beyer et al. 2022): besides the plain image
-#    and its mirror, 4 random resized crops per image, each mixed with another image by CutMix
-#    or mixup and labelled once by the ensemble on exactly that mix; KD T = 1, alpha = 0.5;
-#    20 epochs (at 10 the distilled and hard-label students are close; both flatten after
-#    epoch 12-13). On 6 nested pairs (folds 0 and 1 of 3, seeds 0-2) it beat the same recipe
-#    on hard labels every time, by +0.95 points (SE 0.27), at 88.8 % (docs/heldout_pairs.csv);
-#  * the shipped student trains on every image (val_fold -1).
-# recipes/fold_teachers.yaml is the recipe shipped before it (3 out-of-fold teachers per
-# recipe, 2 flip/shift views, 10 epochs).
-DEFAULT_RECIPE = {
-    "folds": 3,
-    "views": 2,
-    "teachers": ["efficientnet_lite0@224", "efficientnet_lite2@224"],
-    "teacher": {"pretrained": "offline", "epochs": 6, "batch_size": 64, "warmup_epochs": 0.5, "ema_decay": 0.998,
-                "frozen_stages": 5, "input_mode": "rgb"},
-    "student": {"view_kind": "mixed", "views": 6, "epochs": 20, "val_fold": -1},
-    "teacher_split": "all",
-}
+DEFAULT_TEACHERS = ("efficientnet_lite0@224", "efficientnet_lite2@224")
 SECTIONS = ("folds", "views", "teachers", "teacher", "student", "teacher_split")
 TEACHER_SPLITS = ("folds", "all")
 SHARED = ("folds", "views")  # top-level keys that go to both scripts
@@ -72,13 +47,22 @@ class RecipeError(ConfigError):
 
 @dataclass
 class Recipe:
-    folds: int
-    views: int
-    teachers: list[str]
+    """A recipe; ``Recipe()`` is the default one. ``folds`` / ``views`` None and empty sections:
+    the scripts' own field defaults."""
+    teachers: list[str] = field(default_factory=lambda: list(DEFAULT_TEACHERS))
+    teacher_split: str = "all"
+    folds: int | None = None
+    views: int | None = None
     teacher: dict = field(default_factory=dict)
     student: dict = field(default_factory=dict)
-    teacher_split: str = "folds"
     source: str = "the default recipe"
+
+    @property
+    def n_folds(self) -> int:
+        """k of the split both scripts use: the file's ``folds``, else the field default."""
+        if self.folds is not None:
+            return self.folds
+        return next(f.default for f in dataclasses.fields(TrainingRun) if f.name == "folds")
 
     def members(self) -> list[tuple[str, dict]]:
         """[(folder name, {train_teacher field: value string})] in the recipe's order."""
@@ -100,17 +84,19 @@ class Recipe:
         (``teacher_split: folds``), or [-1], one teacher on every image (``all``)."""
         if self.teacher_split == "all":
             return [-1]
-        return [f for f in range(self.folds) if f != heldout_fold]
+        return [f for f in range(self.n_folds) if f != heldout_fold]
 
     def section(self, which: str) -> dict:
         """Field defaults for one script ('teacher' or 'student'): its section + the shared keys;
         for the teacher, the fold its split trains first: -1 (``<name>_all``) under ``teacher_split:
         all``, else 0, so that ``python train_teacher.py`` trains a teacher the recipe uses."""
         split = {"fold": -1 if self.teacher_split == "all" else 0} if which == "teacher" else {}
-        return {**{k: getattr(self, k) for k in SHARED}, **split, **getattr(self, which)}
+        shared = {k: getattr(self, k) for k in SHARED if getattr(self, k) is not None}
+        return {**shared, **split, **getattr(self, which)}
 
     def as_yaml_dict(self) -> dict:
-        return {k: copy.deepcopy(getattr(self, k)) for k in SECTIONS}
+        """The recipe as a file that replays it (``--recipe``)."""
+        return {k: copy.deepcopy(getattr(self, k)) for k in SECTIONS if getattr(self, k) is not None}
 
 
 def parse_member(entry: str) -> tuple[str, dict]:
@@ -142,16 +128,15 @@ def fold_suffix(fold: int) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _read_file(path: str, mtime_ns: int) -> dict:
-    from .config import load_yaml_mapping
     return load_yaml_mapping(Path(path), "recipe file", f"a mapping of {', '.join(SECTIONS)}", RecipeError)
 
 
 def load_recipe(path: str | Path | None = None) -> Recipe:
-    """``DEFAULT_RECIPE``, with what a recipe file at ``path`` changes (None or '': unchanged).
+    """``Recipe()``, with what a recipe file at ``path`` changes (None or '': unchanged).
     RecipeError naming the file and key for an unknown section or a value of the wrong form
     (the field values themselves are checked by the script that reads them). A top-level shared
-    key of the file (``folds``, ``views``) replaces that key in the default's sections too."""
-    values = copy.deepcopy(DEFAULT_RECIPE)
+    key (``folds``, ``views``) goes to both scripts, unless a section of the file sets its own."""
+    values = {"teacher": {}, "student": {}}
     source = "the default recipe"
     if path:
         p = Path(path)
@@ -161,10 +146,6 @@ def load_recipe(path: str | Path | None = None) -> Recipe:
         unknown = sorted(set(map(str, raw)) - set(SECTIONS))
         if unknown:
             raise RecipeError(f"{p}: unknown keys {unknown} (a recipe has {', '.join(SECTIONS)})")
-        for key in SHARED:  # a file's top-level `views: 3` means both scripts, whatever the default's sections say
-            if key in raw:
-                for section in ("teacher", "student"):
-                    values[section].pop(key, None)
         for key in ("teacher", "student"):
             if key in raw and not isinstance(raw[key], dict):
                 raise RecipeError(f"{p}: {key}: expected a mapping of field: value")
@@ -191,8 +172,6 @@ def recipe_field_defaults(cls, recipe: Recipe, which: str, member: str = "") -> 
     """The defaults ``cls`` (a script's config) takes from ``recipe``: section ``which`` and, for
     the teacher, the flags of ``member``; values coerced to the field types. RecipeError naming
     the recipe and key for a key the config does not have or a value of the wrong type."""
-    from .config import coerce
-
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     values: dict[str, object] = {}
@@ -216,7 +195,6 @@ def recipe_field_defaults(cls, recipe: Recipe, which: str, member: str = "") -> 
 
 def coerce_text(text: str, kind):
     """A recipe entry's 'flag=value' text -> ``kind`` (int, float, bool; lists: comma-separated)."""
-    from .config import coerce
     if typing.get_origin(kind) in (list, tuple):
         return [coerce_text(t, typing.get_args(kind)[0]) for t in filter(None, text.split(","))]
     if kind is bool:
@@ -229,10 +207,16 @@ def coerce_text(text: str, kind):
     return coerce(text, kind)
 
 
-def with_recipe_defaults(cls):
-    """Class decorator for a script's config (``cls.RECIPE_SECTION``: 'teacher' or 'student'):
-    its dataclass defaults become the default recipe's values, so ``TeacherConfig()``, the
-    command line's defaults and ``./run.sh`` all train the same recipe (``parse_config`` applies
-    a ``--recipe`` file or ``--member`` on top)."""
-    from .config import with_defaults
-    return with_defaults(cls, **recipe_field_defaults(cls, load_recipe(), cls.RECIPE_SECTION))
+def recipe_section(which: str):
+    """A script config's ``argv_defaults`` (read by ``parse_config``): the defaults the recipe file
+    ``--recipe FILE`` gives section ``which`` ('teacher' or 'student'), and for the teacher the
+    flags of the teacher ``--member NAME``; with no file, the default recipe's (the fields' own
+    defaults, and the first teacher's model and size, which the teacher's fields show)."""
+    def argv_defaults(cls, argv: list[str]) -> tuple[str, dict]:
+        pre = ConfigParser(add_help=False, allow_abbrev=False)
+        pre.add_argument("--recipe", default="")
+        pre.add_argument("--member", default="")
+        known, _ = pre.parse_known_args(argv)
+        recipe = load_recipe(known.recipe)
+        return recipe.source, recipe_field_defaults(cls, recipe, which, known.member)
+    return classmethod(argv_defaults)

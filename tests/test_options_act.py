@@ -1,0 +1,103 @@
+"""An option either acts on the path it is given or is refused in one line before any work:
+never accepted and ignored. The default path (mixed views, a cached teacher trunk) first."""
+from __future__ import annotations
+
+import pytest
+
+import distill
+import pipeline
+import train_teacher
+from helpers_distill import build_tiny_teacher, distill_argv, make_course_folder, write_arch
+from toolkit.cli import run_main
+from toolkit.config import ConfigError, parse_config
+
+# (flags, the flag refused): on the default path unless the flags choose another
+DISTILL_REFUSED = [
+    (["--calibrate"], "--calibrate"),                                    # mixed views: no fitted temperature
+    (["--ensemble-weights", "fit"], "--ensemble-weights"),
+    (["--ensemble-weights", "greedy"], "--ensemble-weights"),
+    (["--max-shift", "4"], "--max-shift"),                               # mixed views crop, not shift
+    (["--label-smoothing", "0.2"], "--label-smoothing"),                 # distilled: no smoothed hard labels
+    (["--view-kind", "shift", "--min-crop", "0.5"], "--min-crop"),
+    (["--view-kind", "shift", "--cutmix-prob", "0.9"], "--cutmix-prob"),
+    (["--view-kind", "shift", "--target-input", "grey"], "--target-input"),
+    (["--hard-labels", "--alpha", "0.3"], "--alpha"),
+    (["--hard-labels", "--temperature", "2"], "--temperature"),
+    (["--hard-labels", "--loss", "dist"], "--loss"),
+    (["--hard-labels", "--calibrate"], "--calibrate"),
+    (["--mode", "online", "--view-kind", "shift", "--views", "3"], "--views"),
+    (["--mode", "online", "--view-kind", "shift", "--student-frozen-stages", "3"], "--student-frozen-stages"),
+]
+DISTILL_ACCEPTED = [
+    ["--view-kind", "shift", "--calibrate", "--ensemble-weights", "greedy", "--max-shift", "4"],
+    ["--min-crop", "0.5", "--cutmix-prob", "0.9", "--target-input", "grey", "--alpha", "0.3"],
+    ["--hard-labels", "--label-smoothing", "0.2"],
+    ["--mode", "online", "--view-kind", "shift", "--max-shift", "4", "--mixup", "0.2"],
+]
+TEACHER_REFUSED = [
+    (["--trivial-augment"], "--trivial-augment"),                        # a cached trunk trains on fixed views
+    (["--mixup", "0.2"], "--mixup"),
+    (["--cutmix", "1"], "--cutmix"),
+    (["--no-trunk-cache", "--views", "3"], "--views"),
+    (["--frozen-stages", "0", "--views", "3"], "--views"),
+]
+TEACHER_ACCEPTED = [
+    ["--no-trunk-cache", "--trivial-augment", "--mixup", "0.2", "--cutmix", "1"],
+    ["--frozen-stages", "0", "--trivial-augment"],
+    ["--views", "3"],
+]
+
+
+@pytest.mark.parametrize("flags,culprit", DISTILL_REFUSED, ids=[" ".join(f) for f, _ in DISTILL_REFUSED])
+def test_distill_option_that_cannot_act_is_refused(flags, culprit):
+    with pytest.raises(ConfigError, match=rf"^{culprit}: acts on .* only, not on this run's path; drop it$"):
+        parse_config(distill.DistillConfig, flags)
+
+
+@pytest.mark.parametrize("flags", DISTILL_ACCEPTED, ids=[" ".join(f) for f in DISTILL_ACCEPTED])
+def test_distill_option_on_its_own_path_is_accepted(flags):
+    parse_config(distill.DistillConfig, flags)
+
+
+@pytest.mark.parametrize("flags,culprit", TEACHER_REFUSED, ids=[" ".join(f) for f, _ in TEACHER_REFUSED])
+def test_teacher_option_that_cannot_act_is_refused(flags, culprit):
+    with pytest.raises(ConfigError, match=rf"^{culprit}: acts on .* only, not on this run's path; drop it$"):
+        parse_config(train_teacher.TeacherConfig, flags)
+
+
+@pytest.mark.parametrize("flags", TEACHER_ACCEPTED, ids=[" ".join(f) for f in TEACHER_ACCEPTED])
+def test_teacher_option_on_its_own_path_is_accepted(flags):
+    parse_config(train_teacher.TeacherConfig, flags)
+
+
+def test_a_refusal_is_one_line_and_exit_code_2(capsys):
+    with pytest.raises(SystemExit) as stop:
+        run_main(distill.main, ["--calibrate"], prog="distill.py")
+    assert stop.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --calibrate: acts on"), lines
+
+
+def test_no_oof_with_teachers_of_every_image_is_refused(tmp_path):
+    """On the default path (teachers of every image) every image is in-sample for every teacher:
+    --no-oof could not change a target, so it is refused (with fold teachers it acts:
+    tests/test_mixviews.py labels the same views with oof=False and True)."""
+    data = make_course_folder(tmp_path / "data", counts={"book": 6, "car": 6, "cat": 6})
+    teachers = [build_tiny_teacher(tmp_path / f"t{i}", config={"fold": -1}, seed=i) for i in range(2)]
+    argv = distill_argv(data, write_arch(tmp_path / "arch.py"), tmp_path / "m.pth", tmp_path / "w", teachers,
+                        view_kind="mixed", views=3, val_fold=-1, oof=False)
+    with pytest.raises(ConfigError, match="^--no-oof: every teacher trained on every training image"):
+        distill.main(argv)
+    assert not (tmp_path / "m.pth").exists()
+
+
+@pytest.mark.parametrize("cls,old,new", [(distill.DistillConfig, "--scratch", "--hard-labels"),
+                                         (distill.DistillConfig, "--no-scratch", "--hard-labels"),
+                                         (pipeline.PipelineConfig, "--scratch-control", "--hard-label-control")])
+def test_an_old_spelling_is_a_one_line_hint(cls, old, new, tmp_path):
+    with pytest.raises(ConfigError, match=rf"^{old.replace('no-', '')}: renamed {new} \(see --help\)$"):
+        parse_config(cls, [old])
+    path = tmp_path / "c.yaml"
+    path.write_text(f"{old.replace('--no-', '').lstrip('-').replace('-', '_')}: true\n")
+    with pytest.raises(ConfigError, match=rf"renamed {new[2:].replace('-', '_')}"):
+        parse_config(cls, ["--config", str(path)])
