@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from toolkit.fastpass import frozen_runner  # noqa: E402
+from toolkit.fastpass import ExportWrapper, frozen_runner  # noqa: E402
 from toolkit.student import exec_architecture  # noqa: E402
 from toolkit.trunk import TrunkSplit  # noqa: E402
 
@@ -70,7 +70,6 @@ def frozen_rows(images: int, peak: float):
         cases.append((f"labelling {name[13:]}@224", net, x))
     grey = torch.randn(images, 1, size, size).contiguous(memory_format=torch.channels_last)
     cases.append((f"student features @{size}", TrunkSplit(arch, 2).eval().trunk_module(), grey))
-    from toolkit.export import ExportWrapper
     server = torch.rand(images, 1, 100, 100)
     cases.append(("report: student", ExportWrapper(arch), server))
     for label, module, x in cases:

@@ -8,25 +8,10 @@ from pathlib import Path
 
 import torch
 
+from .fastpass import ExportWrapper
 from .student import ContractError
 
 PARITY_TOLERANCE = 1e-4
-
-
-class ExportWrapper(torch.nn.Module):
-    """The student's eval-mode computation (one chunk, any batch size) as one traceable graph.
-
-    MyCNN.forward splits big batches into chunks with a Python loop whose length a trace
-    would freeze; the exported graph takes any batch at once via ``_eval_logits`` instead.
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model.eval()
-
-    def forward(self, x):
-        fn = getattr(self.model, "_eval_logits", None)
-        return fn(x) if callable(fn) else self.model(x)
 
 
 def export_student(model: torch.nn.Module, parity_inputs: torch.Tensor, out_dir: str | Path,

@@ -142,6 +142,22 @@ def onnx_session(module: nn.Module, example: torch.Tensor, name: str):
     return session
 
 
+class ExportWrapper(torch.nn.Module):
+    """The student's eval-mode computation (one chunk, any batch size) as one traceable graph.
+
+    MyCNN.forward splits big batches into chunks with a Python loop whose length a trace
+    would freeze; the exported graph takes any batch at once via ``_eval_logits`` instead.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model.eval()
+
+    def forward(self, x):
+        fn = getattr(self.model, "_eval_logits", None)
+        return fn(x) if callable(fn) else self.model(x)
+
+
 class OnnxRunner:
     """``module``'s eval-mode forward as an ONNX Runtime session: (B, ...) float32 tensor ->
     (B, ...) float32 tensor, run in chunks of ``chunk`` images."""

@@ -155,8 +155,7 @@ def student_log_probs(model: torch.nn.Module, grey_u8: torch.Tensor, num_classes
                       batch_size: int = 256, arch: str | Path = "architecture.py") -> torch.Tensor:
     """Student on the server's input (grey uint8 / 255, float32) -> (N, C) log-probabilities."""
     from tqdm import tqdm
-    from .export import ExportWrapper
-    from .fastpass import frozen_runner
+    from .fastpass import ExportWrapper, frozen_runner
     model.eval()
     outs, run = [], None
     for i in tqdm(range(0, len(grey_u8), batch_size), desc="student predictions", unit="batch", leave=False):
