@@ -22,6 +22,8 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import build_course, per_class
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -37,28 +39,21 @@ TINY_SIZE = 32
 # ----------------------------------------------------------------------------------------
 def make_course_folder(folder: Path, counts: dict[str, int] | None = None, size: tuple[int, int] = (60, 48),
                        seed: int = 0) -> Path:
-    """A course folder: numbered JPEGs + labels.csv (``name;label``). ``counts``: images per
-    class (default 12 each of book/car/cat). Each class has its own colour plus noise, and a
-    bright square at a random place, so classes are separable but images differ."""
+    """A course folder (tests/helpers.py build_course): ``0000.jpg``... + labels.csv. ``counts``:
+    images per class (default 12 each of book/car/cat). Each class has its own colour plus noise,
+    and a bright square at a random place, so classes are separable but images differ."""
     counts = counts if counts is not None else {c: 12 for c in CLASSES}
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    rows, n = [], 0
-    for cls, count in counts.items():
-        for _ in range(count):
-            w, h = size
-            img = np.empty((h, w, 3), np.float64)
-            img[:] = COLOURS[cls]
-            img += rng.normal(0, 12, img.shape)
-            y, x = rng.integers(0, h - 12), rng.integers(0, w - 12)
-            img[y:y + 12, x:x + 12] = 250
-            name = f"{n:04d}.jpg"
-            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / name, quality=95)
-            rows.append(f"{name};{cls}")
-            n += 1
-    (folder / "labels.csv").write_text("name;label\n" + "\n".join(rows) + "\n")
-    return folder
+
+    def image(_i, cls):
+        w, h = size
+        img = np.empty((h, w, 3), np.float64)
+        img[:] = COLOURS[cls]
+        img += rng.normal(0, 12, img.shape)
+        y, x = rng.integers(0, h - 12), rng.integers(0, w - 12)
+        img[y:y + 12, x:x + 12] = 250
+        return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    return build_course(folder, per_class(counts), image, name="{:04d}.jpg", first=0, quality=95, exist_ok=True)
 
 
 # ----------------------------------------------------------------------------------------

@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import synthetic_image, write_labels
+from helpers import assert_one_line_error, synthetic_image, write_labels
 from toolkit.data import DataError, decode_image, load_course_folder
 
 
 def load_error(folder, **kwargs) -> str:
     with pytest.raises(DataError) as err:
         load_course_folder(folder, progress=False, **kwargs)
-    msg = str(err.value)
-    assert "\n" not in msg and msg.strip(), repr(msg)
+    msg = assert_one_line_error(err.value, prefix="")  # the prefix comes at exit
+    assert msg.strip(), repr(msg)
     return msg
 
 
@@ -137,7 +137,7 @@ def test_bad_image_names_the_file_and_writes_no_cache(make_course, cache_dir, da
     assert list(cache_dir.iterdir()) == []  # neither a cache nor a temp file
     with pytest.raises(DataError) as err:
         decode_image(culprit)
-    assert "\n" not in str(err.value) and "0000004.jpg" in str(err.value)
+    assert_one_line_error(err.value, "0000004.jpg", prefix="")
 
 
 def test_decompression_bomb_is_a_data_error(make_course, cache_dir, monkeypatch):

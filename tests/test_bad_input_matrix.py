@@ -24,6 +24,7 @@ from PIL import Image
 import distill
 import pipeline
 import train_teacher
+from helpers import assert_one_line_error
 from helpers_distill import (ROOT, TINY_SIZE, TINY_TEACHER, distill_argv, make_course_folder, student_state,
                              subprocess_env, write_arch)
 from toolkit import evaluate
@@ -94,7 +95,7 @@ def assert_refused(capsys, c, entry, argv, code, *culprit):
     assert lines and (lines[-1].startswith("error: ") or lines[-1].startswith("interrupted: ")), err
     message = lines[-1]
     if code == 2:  # a config error is the only output
-        assert len(lines) == 1, err
+        assert_one_line_error(err, rc=rc, code=code)
     for word in culprit:
         assert str(word) in message, (word, message)
     assert snapshot(c.tmp) == before, "a pre-existing output changed"
@@ -529,10 +530,8 @@ def test_command_line_exit_code_and_one_line(case, script, argv, code, culprit):
     before = snapshot(case.tmp)
     proc = subprocess.run([sys.executable, script, *map(str, base), *argv], cwd=ROOT, capture_output=True, text=True,
                           env=subprocess_env(case.cache), timeout=120)
-    assert proc.returncode == code, proc.stderr
     assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: {culprit}:"), proc.stderr
+    assert_one_line_error(proc.stderr.strip(), culprit=culprit, rc=proc.returncode, code=code)
     assert snapshot(case.tmp) == before
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import assert_one_line_error, server_grey
 from toolkit.student import ContractError, exec_architecture, load_student
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,9 +54,7 @@ def server():
 
 def server_grey_float(rgb: np.ndarray) -> np.ndarray:
     """The server's grey formula in float64, unrounded: (N, 3, H, W) in [0,1] -> (N, 1, H, W)."""
-    lin = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
-    y = 0.2126 * lin[:, 0:1] + 0.7152 * lin[:, 1:2] + 0.0722 * lin[:, 2:3]
-    return np.where(y <= 0.0031308, 12.92 * y, 1.055 * y ** (1 / 2.4) - 0.055)
+    return server_grey(rgb, axis=1, keepdims=True)
 
 
 def rand(*shape, seed=0):
@@ -190,8 +189,7 @@ def test_load_student_rejects_wrong_shape(tmp_path, real_state):
     torch.save(real_state, path)
     with pytest.raises(ContractError) as err:
         load_student(ARCH, path)
-    msg = str(err.value)
-    assert str(path) in msg and key in msg and "\n" not in msg
+    assert_one_line_error(err.value, path, key, prefix="")
 
 
 def test_load_student_rejects_missing_key(tmp_path, real_state):
@@ -201,8 +199,7 @@ def test_load_student_rejects_missing_key(tmp_path, real_state):
     torch.save(real_state, path)
     with pytest.raises(ContractError) as err:
         load_student(ARCH, path)
-    msg = str(err.value)
-    assert str(path) in msg and key in msg and "\n" not in msg
+    assert_one_line_error(err.value, path, key, prefix="")
 
 
 def test_load_student_rejects_missing_and_non_dict_weights(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import toolkit.data as tdata
-from conftest import synthetic_image
+from helpers import synthetic_image
 from toolkit.data import load_course_folder
 from toolkit.splits import ClassBalancedSampler, stratified_folds, stratified_split
 from toolkit.io import atomic_save, atomic_write

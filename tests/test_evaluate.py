@@ -17,6 +17,7 @@ from PIL import Image
 from sklearn.metrics import (accuracy_score, balanced_accuracy_score, f1_score,
                              precision_recall_fscore_support)
 
+from helpers import assert_one_line_error, build_course, server_grey_uint8
 from toolkit import metrics as M
 from toolkit.evaluate import main
 from toolkit.student import CLASSES
@@ -45,22 +46,16 @@ USED = ["cat", "cup", "dog", "tree"]
 
 
 def make_folder(folder: Path, labels: list[str], seed: int = 0) -> Path:
+    """tests/helpers.py build_course: SIZES cycled, every 4th image grey ('L')."""
     rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True)
-    rows = ["name;label"]
-    for i, label in enumerate(labels):
+
+    def image(i, label):
         w, h = SIZES[i % len(SIZES)]
         # a class-dependent brightness so the images differ in a learnable-looking way
         base = 40 + 50 * (USED.index(label) if label in USED else 0)
-        arr = np.clip(base + rng.integers(0, 80, (h, w, 3)), 0, 255).astype(np.uint8)
-        img = Image.fromarray(arr)
-        if i % 4 == 3:
-            img = img.convert("L")  # grey JPEGs occur in the course data too
-        name = f"{i:07d}.jpg"
-        img.save(folder / name, quality=90)
-        rows.append(f"{name};{label}")
-    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
-    return folder
+        img = Image.fromarray(np.clip(base + rng.integers(0, 80, (h, w, 3)), 0, 255).astype(np.uint8))
+        return img.convert("L") if i % 4 == 3 else img  # grey JPEGs occur in the course data too
+    return build_course(folder, labels, image, first=0)
 
 
 @pytest.fixture(scope="module")
@@ -94,9 +89,7 @@ def teacher_dir(tmp_path_factory):
 
 
 def error_line(excinfo) -> str:
-    msg = str(excinfo.value.code)
-    assert msg.startswith("error: ") and "\n" not in msg, msg
-    return msg
+    return assert_one_line_error(excinfo.value)
 
 
 # ----------------------------------------------------------------------------------------
@@ -199,10 +192,7 @@ def test_cost_metrics():
 # ----------------------------------------------------------------------------------------
 def hand_server_grey(path: Path) -> np.ndarray:
     """The server's preprocessing, written out again with PIL + numpy only."""
-    rgb = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64) / 255
-    lin = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
-    y = 0.2126 * lin[..., 0] + 0.7152 * lin[..., 1] + 0.0722 * lin[..., 2]
-    grey = np.round(np.where(y <= 0.0031308, 12.92 * y, 1.055 * y ** (1 / 2.4) - 0.055) * 255).astype(np.uint8)
+    grey = server_grey_uint8(np.asarray(Image.open(path).convert("RGB")))
     for axis in (0, 1):
         n = grey.shape[axis]
         if n > 100:

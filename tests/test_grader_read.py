@@ -2,9 +2,9 @@
 to_grayscale (a 2-D array passes unchanged, an (H, W, 3) one gets the sRGB luminance, any
 other shape is a ValueError). Training and predict convert odd modes sensibly and say so.
 
-The reference below computes the course's to_grayscale pixel by pixel from its description,
-apart from toolkit.grader's vectorised transcription and toolkit.data's fast path, so that the
-three are compared, not assumed equal."""
+The reference below computes the course's to_grayscale from its description on the tests' own
+grey oracle (tests/helpers.py server_grey), apart from toolkit.grader's transcription and
+toolkit.data's fast path, so that the three are compared, not assumed equal."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,37 +12,26 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import synthetic_image, write_labels
+from helpers import server_grey, synthetic_image, write_labels
 from toolkit.data import DataError, decode_image, fit_to_square, load_course_folder, rgb_to_server_grey
 from toolkit.grader import course_to_grayscale, load_server_batch, read_server_image
 
 
-def _srgb_to_linear(c: float) -> float:
-    return c / 12.92 if c < 0.04045 else ((c + 0.055) / 1.055) ** 2.4
-
-
-def _linear_to_srgb(c: float) -> float:
-    return c * 12.92 if c < 0.0031308 else 1.055 * c ** (1 / 2.4) - 0.055
-
-
 def reference_to_grayscale(pil_image: np.ndarray) -> np.ndarray:
-    """The course's to_grayscale as its description reads, one pixel at a time in Python floats
-    (an oracle written apart from the vectorised product code): a 2-D array passes unchanged; an
-    (H, W, 3) one gets sRGB -> linear -> Rec.709 luminance -> sRGB, x255, rounded for integer
-    dtypes, in its own dtype; any other shape is refused. -> (1, H, W), as the course returns."""
+    """The course's to_grayscale as its description reads, on the tests' own oracle of the
+    server's grey formula (tests/helpers.py server_grey, written apart from the product code): a
+    2-D array passes unchanged; an (H, W, 3) one gets sRGB -> linear -> Rec.709 luminance -> sRGB,
+    x255, rounded for integer dtypes, in its own dtype; any other shape is refused.
+    -> (1, H, W), as the course returns."""
     if pil_image.ndim == 2:
         return pil_image.copy()[None]
     if pil_image.ndim != 3:
         raise ValueError("image must have either shape (H, W) or (H, W, 3)")
     if pil_image.shape[2] != 3:
         raise ValueError(f"image has shape (H, W, {pil_image.shape[2]}), but it should have (H, W, 3)")
+    grey = server_grey(pil_image.astype(np.float64) / 255) * 255
     integer = np.issubdtype(pil_image.dtype, np.integer)
-    out = np.empty(pil_image.shape[:2], pil_image.dtype)
-    for y, x in np.ndindex(*out.shape):
-        r, g, b = (_srgb_to_linear(float(v) / 255) for v in pil_image[y, x])
-        grey = _linear_to_srgb(0.2126 * r + 0.7152 * g + 0.0722 * b) * 255
-        out[y, x] = round(grey) if integer else grey
-    return out[None]
+    return (np.round(grey) if integer else grey).astype(pil_image.dtype)[None]
 
 
 def server_view(path) -> np.ndarray:

@@ -7,6 +7,7 @@ import pytest
 import distill
 import pipeline
 import train_teacher
+from helpers import assert_one_line_error
 from helpers_distill import build_tiny_teacher, distill_argv, make_course_folder, write_arch
 from toolkit.cli import run_main
 from toolkit.config import ConfigError, parse_config
@@ -73,9 +74,8 @@ def test_teacher_option_on_its_own_path_is_accepted(flags):
 def test_a_refusal_is_one_line_and_exit_code_2(capsys):
     with pytest.raises(SystemExit) as stop:
         run_main(distill.main, ["--calibrate"], prog="distill.py")
-    assert stop.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: --calibrate: acts on"), lines
+    line = assert_one_line_error(capsys.readouterr().err.strip(), culprit="--calibrate", rc=stop.value.code, code=2)
+    assert line.startswith("error: --calibrate: acts on"), line
 
 
 def test_no_oof_with_teachers_of_every_image_is_refused(tmp_path):

@@ -23,6 +23,7 @@ import torch
 import yaml
 
 import pipeline
+from helpers import assert_one_line_error
 import helpers_distill
 from helpers_distill import ROOT, kill_runs_when_paused, make_course_folder, start_paused_run, write_arch
 from toolkit.cli import run_main
@@ -227,9 +228,7 @@ def test_a_second_run_is_refused_and_the_first_finishes_unharmed(world, referenc
         wait_paused(first)
         with pytest.raises(SystemExit) as exc:
             run_main(pipeline.main, argv)
-        message = str(exc.value.code)
-        assert message.startswith("error: ") and "in use by a running run" in message, message
-        assert f"pid {first.proc.pid}" in message and "\n" not in message
+        assert_one_line_error(exc.value, "in use by a running run", f"pid {first.proc.pid}")
         # distill.py and train_teacher.py on its folders are refused too
         import distill
         import train_teacher
@@ -287,8 +286,7 @@ def test_a_write_that_fails_ends_the_run_with_one_line_and_keeps_the_previous_fi
     monkeypatch.setattr(os, "fsync", failing_fsync(target, code))
     with pytest.raises(SystemExit) as exc:
         run_main(pipeline.main, pipeline_argv(world, run))
-    message = str(exc.value.code)
-    assert message.startswith("error: ") and "\n" not in message, message
+    message = assert_one_line_error(exc.value)
     assert os.strerror(code).lower() in message and "previous file" in message, message
     written = target.split(".")[1] + "." + target.split(".")[2]  # the file named, not the temp file
     assert f"{written}: " in message, message
@@ -331,8 +329,7 @@ def test_a_broken_image_in_the_middle_stops_the_pipeline_before_any_work(world, 
     argv[argv.index("--data") + 1] = str(data)
     with pytest.raises(SystemExit) as exc:
         run_main(pipeline.main, argv)
-    message = str(exc.value.code)
-    assert message.startswith("error: ") and "\n" not in message and "not a readable image" in message, message
+    message = assert_one_line_error(exc.value, "not a readable image")
     assert "0011.jpg" in message if damage == "truncated" else ".jpg" in message
     assert not (run / "teachers").exists() or not any((run / "teachers").iterdir())
     assert not (run / "model.pth").exists()

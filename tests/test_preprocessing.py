@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import synthetic_image, write_labels
+from helpers import server_grey_uint8, synthetic_image, write_labels
 from toolkit.data import decode_image, load_course_folder
 
 SIDE = 100
@@ -25,14 +25,6 @@ def server_rgb(path: Path) -> np.ndarray:
             grey = np.asarray(img)
             return np.stack([grey, grey, grey], axis=2)
         return np.asarray(img.convert("RGB"))
-
-
-def server_grey_full(rgb: np.ndarray) -> np.ndarray:
-    c = rgb.astype(np.float64) / 255
-    lin = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
-    y = 0.2126 * lin[..., 0] + 0.7152 * lin[..., 1] + 0.0722 * lin[..., 2]
-    s = np.where(y <= 0.0031308, 12.92 * y, 1.055 * y ** (1 / 2.4) - 0.055)
-    return np.round(s * 255).astype(np.uint8)
 
 
 def server_geometry(img: np.ndarray) -> np.ndarray:
@@ -50,7 +42,7 @@ def server_geometry(img: np.ndarray) -> np.ndarray:
 
 
 def server_grey(path: Path) -> np.ndarray:
-    return server_geometry(server_grey_full(server_rgb(path)))
+    return server_geometry(server_grey_uint8(server_rgb(path)))
 
 
 def test_reference_geometry_is_what_we_think():
@@ -113,7 +105,7 @@ def test_decode_image_edge_cases(tmp_path, size, mode):
     assert np.array_equal(grey, server_grey(path))
     # The rgb view has exactly the same crop / pad geometry as the grey one.
     assert np.array_equal(rgb, server_geometry(server_rgb(path)))
-    assert np.array_equal(server_grey_full(rgb), grey)
+    assert np.array_equal(server_grey_uint8(rgb), grey)
     if mode == "L":
         assert (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
 
@@ -128,7 +120,7 @@ def test_geometry_puts_the_odd_pad_pixel_after(tmp_path):
     assert np.array_equal(rgb[31:68, :99], arr)
     assert (rgb[:31] == rgb[31]).all() and (rgb[68:] == rgb[67]).all()
     assert (rgb[:, 99] == rgb[:, 98]).all()
-    assert np.array_equal(grey, server_geometry(server_grey_full(arr)))
+    assert np.array_equal(grey, server_geometry(server_grey_uint8(arr)))
 
 
 def test_geometry_crop_starts_at_floor_of_excess_half(tmp_path):

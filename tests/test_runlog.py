@@ -7,6 +7,7 @@ import torch
 import yaml
 from PIL import Image
 
+from helpers import assert_one_line_error
 from toolkit.engine import Trainer, warmup_cosine
 from toolkit.evaluate import main
 from toolkit.runlog import compare_runs
@@ -63,4 +64,4 @@ def test_compare_runs_lists_differing_config_and_final_metrics(tmp_path, capsys)
         assert [r["lr"] for r in csv.DictReader(f)] == ["0.1", "0.5"]
     with pytest.raises(SystemExit) as e:
         main(["compare", str(tmp_path / "nothing_here")])
-    assert str(e.value.code).startswith("error: ") and "nothing_here" in str(e.value.code)
+    assert_one_line_error(e.value, "nothing_here")

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from helpers import assert_one_line_error, build_course, per_class as per_class_labels
+
 import train_teacher
 from toolkit.data import decode_image, load_course_folder
 from toolkit.splits import ClassBalancedSampler, stratified_folds
@@ -46,19 +48,14 @@ ONLINE = ["--frozen-stages", "0", "--trivial-augment", "--mixup", "0.2", "--view
 
 
 def make_course_folder(root: Path, per_class: int = 12, seed: int = 0) -> Path:
-    """Noisy colour images (100x75 and 75x100 JPEGs) + labels.csv ('name;label')."""
-    root.mkdir(parents=True, exist_ok=True)
+    """Noisy colour images (100x75 and 75x100 JPEGs) + labels.csv (tests/helpers.py build_course)."""
     rng = np.random.default_rng(seed)
-    rows, i = [], 0
-    for name, colour in CLASSES.items():
-        for j in range(per_class):
-            w, h = (100, 75) if j % 2 == 0 else (75, 100)
-            img = np.clip(np.array(colour) + rng.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(img).save(root / f"{i:04d}.jpg", quality=90)
-            rows.append(f"{i:04d}.jpg;{name}")
-            i += 1
-    (root / "labels.csv").write_text("name;label\n" + "\n".join(rows) + "\n")
-    return root
+
+    def image(i, name):
+        w, h = (100, 75) if i % per_class % 2 == 0 else (75, 100)
+        return Image.fromarray(np.clip(np.array(CLASSES[name]) + rng.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8))
+    return build_course(root, per_class_labels({c: per_class for c in CLASSES}), image, name="{:04d}.jpg", first=0,
+                        exist_ok=True)
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +136,7 @@ def test_offline_mapping_in_a_wrong_order_is_rejected(lite0):
                   items[:-1]):               # one tensor missing
         with pytest.raises(TeacherError) as err:
             map_state_dict_by_order(dict(wrong), target, "lite0.pth")
-        assert "lite0.pth" in str(err.value) and "\n" not in str(err.value)
+        assert_one_line_error(err.value, "lite0.pth", prefix="")
 
 
 @pytest.mark.parametrize("in_chans", [3, 1])
@@ -187,11 +184,7 @@ def test_offline_lite0_recognises_imagenet_classes_in_course_photos(lite0):
 def one_line_error(fn, *culprits):
     with pytest.raises(TeacherError) as err:
         fn()
-    msg = str(err.value)
-    assert "\n" not in msg, msg
-    for c in culprits:
-        assert str(c) in msg, f"{c!r} not named in: {msg}"
-    return msg
+    return assert_one_line_error(err.value, *culprits, prefix="")  # the prefix comes at exit
 
 
 def test_unknown_model_name():
@@ -237,8 +230,7 @@ def test_hub_when_offline_names_the_offline_alternatives(monkeypatch):
     try:
         model, _, _ = create_backbone("efficientnet_lite0", 20, pretrained="hub")
     except TeacherError as err:
-        msg = str(err)
-        assert "\n" not in msg and "efficientnet_lite0" in msg
+        msg = assert_one_line_error(err, "efficientnet_lite0", prefix="")
         assert "--pretrained offline" in msg and "--pretrained none" in msg
     else:
         pytest.skip("hub download succeeded (weights cached locally): offline error not testable")
