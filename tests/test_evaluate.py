@@ -17,7 +17,7 @@ from PIL import Image
 from sklearn.metrics import (accuracy_score, balanced_accuracy_score, f1_score,
                              precision_recall_fscore_support)
 
-from helpers import assert_one_line_error, build_course, server_grey_uint8
+from helpers import assert_one_line_error, build_course, server_grey_uint8, write_labels
 from toolkit import metrics as M
 from toolkit.evaluate import main
 from toolkit.student import CLASSES
@@ -218,7 +218,7 @@ def test_grader_equals_plain_loop(tmp_path, weights, capsys):
         with torch.no_grad():
             preds.append(int(model(x).argmax(1)))
     labels = [CLASSES[p if i % 2 == 0 else (p + 1) % 20] for i, p in enumerate(preds)]
-    (folder / "labels.csv").write_text("name;label\n" + "".join(f"{n};{c}\n" for n, c in zip(names, labels)))
+    write_labels(folder, list(zip(names, labels)))
     correct = sum(CLASSES[p] == c for p, c in zip(preds, labels))
     assert correct == 6
 
