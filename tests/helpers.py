@@ -67,6 +67,51 @@ def build_course(folder: Path, labels: Sequence[str], image: Callable[[int, str]
     return folder
 
 
+# Pixel recipes for build_course's ``image``: each returns image(i, label) -> PIL image, drawing
+# from one generator in file order (so a folder is the same for the same arguments).
+def colour_and_square(colours: dict[str, tuple[int, int, int]], size: tuple[int, int] = (60, 48), seed: int = 0):
+    """RGB ``size`` (w, h): the class colour plus noise (sigma 12) and a bright 12 px square at a
+    random place: classes separable by colour, images all different."""
+    rng = np.random.default_rng(seed)
+
+    def image(_i, label):
+        w, h = size
+        img = np.empty((h, w, 3), np.float64)
+        img[:] = colours[label]
+        img += rng.normal(0, 12, img.shape)
+        y, x = rng.integers(0, h - 12), rng.integers(0, w - 12)
+        img[y:y + 12, x:x + 12] = 250
+        return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    return image
+
+
+def noisy_colour(colours: dict[str, tuple[int, int, int]], per_class: int, seed: int = 0):
+    """RGB: the class colour plus noise (sigma 40); within each class of ``per_class`` images,
+    100x75 and 75x100 alternate."""
+    rng = np.random.default_rng(seed)
+
+    def image(i, label):
+        w, h = (100, 75) if i % per_class % 2 == 0 else (75, 100)
+        return Image.fromarray(np.clip(np.array(colours[label]) + rng.normal(0, 40, (h, w, 3)), 0, 255)
+                               .astype(np.uint8))
+    return image
+
+
+def brightness_by_class(classes: Sequence[str], sizes: Sequence[tuple[int, int]], seed: int = 0,
+                        grey_every: int = 4):
+    """Uniform noise over a class-dependent brightness (40 + 50 x index in ``classes``, 40 for a
+    label not in it), size sizes[i % len(sizes)], converted to 'L' when i % grey_every ==
+    grey_every - 1."""
+    rng = np.random.default_rng(seed)
+
+    def image(i, label):
+        w, h = sizes[i % len(sizes)]
+        base = 40 + 50 * (classes.index(label) if label in classes else 0)
+        img = Image.fromarray(np.clip(base + rng.integers(0, 80, (h, w, 3)), 0, 255).astype(np.uint8))
+        return img.convert("L") if grey_every and i % grey_every == grey_every - 1 else img
+    return image
+
+
 def cycled(classes: Sequence[str], n: int) -> list[str]:
     """n labels cycling over classes: classes[i % len(classes)]."""
     return [classes[i % len(classes)] for i in range(n)]

@@ -17,12 +17,10 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from helpers import build_course, per_class
+from helpers import build_course, colour_and_square, per_class
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -43,17 +41,8 @@ def make_course_folder(folder: Path, counts: dict[str, int] | None = None, size:
     images per class (default 12 each of book/car/cat). Each class has its own colour plus noise,
     and a bright square at a random place, so classes are separable but images differ."""
     counts = counts if counts is not None else {c: 12 for c in CLASSES}
-    rng = np.random.default_rng(seed)
-
-    def image(_i, cls):
-        w, h = size
-        img = np.empty((h, w, 3), np.float64)
-        img[:] = COLOURS[cls]
-        img += rng.normal(0, 12, img.shape)
-        y, x = rng.integers(0, h - 12), rng.integers(0, w - 12)
-        img[y:y + 12, x:x + 12] = 250
-        return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
-    return build_course(folder, per_class(counts), image, name="{:04d}.jpg", first=0, quality=95, exist_ok=True)
+    return build_course(folder, per_class(counts), colour_and_square(COLOURS, size, seed), name="{:04d}.jpg", first=0,
+                        quality=95, exist_ok=True)
 
 
 # ----------------------------------------------------------------------------------------

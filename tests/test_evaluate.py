@@ -17,7 +17,7 @@ from PIL import Image
 from sklearn.metrics import (accuracy_score, balanced_accuracy_score, f1_score,
                              precision_recall_fscore_support)
 
-from helpers import assert_one_line_error, build_course, server_grey_uint8, write_labels
+from helpers import assert_one_line_error, brightness_by_class, build_course, server_grey_uint8, write_labels
 from toolkit import metrics as M
 from toolkit.evaluate import main
 from toolkit.student import CLASSES
@@ -47,15 +47,9 @@ USED = ["cat", "cup", "dog", "tree"]
 
 def make_folder(folder: Path, labels: list[str], seed: int = 0) -> Path:
     """tests/helpers.py build_course: SIZES cycled, every 4th image grey ('L')."""
-    rng = np.random.default_rng(seed)
-
-    def image(i, label):
-        w, h = SIZES[i % len(SIZES)]
-        # a class-dependent brightness so the images differ in a learnable-looking way
-        base = 40 + 50 * (USED.index(label) if label in USED else 0)
-        img = Image.fromarray(np.clip(base + rng.integers(0, 80, (h, w, 3)), 0, 255).astype(np.uint8))
-        return img.convert("L") if i % 4 == 3 else img  # grey JPEGs occur in the course data too
-    return build_course(folder, labels, image, first=0)
+    # a class-dependent brightness so the images differ in a learnable-looking way; grey JPEGs
+    # occur in the course data too
+    return build_course(folder, labels, brightness_by_class(USED, SIZES, seed), first=0)
 
 
 @pytest.fixture(scope="module")

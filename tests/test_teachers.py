@@ -21,9 +21,8 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from helpers import assert_one_line_error, build_course, per_class as per_class_labels
+from helpers import assert_one_line_error, build_course, noisy_colour, per_class as per_class_labels
 
 import train_teacher
 from toolkit.data import decode_image, load_course_folder
@@ -49,12 +48,8 @@ ONLINE = ["--frozen-stages", "0", "--trivial-augment", "--mixup", "0.2", "--view
 
 def make_course_folder(root: Path, per_class: int = 12, seed: int = 0) -> Path:
     """Noisy colour images (100x75 and 75x100 JPEGs) + labels.csv (tests/helpers.py build_course)."""
-    rng = np.random.default_rng(seed)
-
-    def image(i, name):
-        w, h = (100, 75) if i % per_class % 2 == 0 else (75, 100)
-        return Image.fromarray(np.clip(np.array(CLASSES[name]) + rng.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8))
-    return build_course(root, per_class_labels({c: per_class for c in CLASSES}), image, name="{:04d}.jpg", first=0,
+    return build_course(root, per_class_labels({c: per_class for c in CLASSES}),
+                        noisy_colour(CLASSES, per_class, seed), name="{:04d}.jpg", first=0,
                         exist_ok=True)
 
 
