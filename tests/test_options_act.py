@@ -49,26 +49,21 @@ TEACHER_ACCEPTED = [
 ]
 
 
-@pytest.mark.parametrize("flags,culprit", DISTILL_REFUSED, ids=[" ".join(f) for f, _ in DISTILL_REFUSED])
-def test_distill_option_that_cannot_act_is_refused(flags, culprit):
+REFUSED = [(distill.DistillConfig, f, c) for f, c in DISTILL_REFUSED] + \
+    [(train_teacher.TeacherConfig, f, c) for f, c in TEACHER_REFUSED]
+ACCEPTED = [(distill.DistillConfig, f) for f in DISTILL_ACCEPTED] + \
+    [(train_teacher.TeacherConfig, f) for f in TEACHER_ACCEPTED]
+
+
+@pytest.mark.parametrize("cls,flags,culprit", REFUSED, ids=[f"{c.__name__}: {' '.join(f)}" for c, f, _ in REFUSED])
+def test_option_that_cannot_act_is_refused(cls, flags, culprit):
     with pytest.raises(ConfigError, match=rf"^{culprit}: acts on .* only, not on this run's path; drop it$"):
-        parse_config(distill.DistillConfig, flags)
+        parse_config(cls, flags)
 
 
-@pytest.mark.parametrize("flags", DISTILL_ACCEPTED, ids=[" ".join(f) for f in DISTILL_ACCEPTED])
-def test_distill_option_on_its_own_path_is_accepted(flags):
-    parse_config(distill.DistillConfig, flags)
-
-
-@pytest.mark.parametrize("flags,culprit", TEACHER_REFUSED, ids=[" ".join(f) for f, _ in TEACHER_REFUSED])
-def test_teacher_option_that_cannot_act_is_refused(flags, culprit):
-    with pytest.raises(ConfigError, match=rf"^{culprit}: acts on .* only, not on this run's path; drop it$"):
-        parse_config(train_teacher.TeacherConfig, flags)
-
-
-@pytest.mark.parametrize("flags", TEACHER_ACCEPTED, ids=[" ".join(f) for f in TEACHER_ACCEPTED])
-def test_teacher_option_on_its_own_path_is_accepted(flags):
-    parse_config(train_teacher.TeacherConfig, flags)
+@pytest.mark.parametrize("cls,flags", ACCEPTED, ids=[f"{c.__name__}: {' '.join(f)}" for c, f in ACCEPTED])
+def test_option_on_its_own_path_is_accepted(cls, flags):
+    parse_config(cls, flags)
 
 
 def test_a_refusal_is_one_line_and_exit_code_2(capsys):
