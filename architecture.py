@@ -93,12 +93,12 @@ class MyCNN(nn.Module):
     INPUT_MEAN, INPUT_STD = 0.5, 0.5
 
     def __init__(self, num_classes=20, stages=LITE0_STAGES, stem_width=32, head_width=1280,
-                 dropout=0.2, eval_chunk=32, input_size=None):
+                 dropout=0.2, eval_chunk=16, input_size=144):
         super().__init__()
         self.eval_chunk = eval_chunk
         # Side the network sees for the server's 100-px side (bilinear upsampling inside the
         # model); None keeps the input's own size. ImageNet features work better on larger
-        # objects than a 100-px image holds.
+        # objects than a 100-px image holds: 144 measured +1.5 points over 100 (docs/results.md).
         self.input_size = input_size
         self.conv_stem, self.bn1 = conv(1, stem_width, 3, 2), BatchNormAct(stem_width)   # 144 -> 72
         blocks, c_in = [], stem_width
@@ -172,4 +172,4 @@ class MyCNN(nn.Module):
                     m.keep_fused, m.fused = False, None
 
 
-model = MyCNN(input_size=144, eval_chunk=16)
+model = MyCNN()  # the shipped student: the constructor's defaults (144 px, chunks of 16)

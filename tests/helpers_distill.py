@@ -51,12 +51,13 @@ def make_course_folder(folder: Path, counts: dict[str, int] | None = None, size:
 def write_arch(path: Path, num_classes: int = 3, widths: tuple = (8, 16, 16, 16)) -> Path:
     """architecture.py with ``model = MyCNN(...)`` replaced by a narrow ``num_classes`` model:
     a depthwise-separable stage of widths[0] channels, then one inverted-residual stage
-    (stride 2, expansion 2) per further width."""
+    (stride 2, expansion 2) per further width, run at the input's own size (input_size=None,
+    so tiny tests stay tiny)."""
     stages = [("ds", 3, 1, 1, widths[0], 1)] + [("ir", 3, 2, 2, w, 1) for w in widths[1:]]
     text = (ROOT / "architecture.py").read_text()
     new, n = re.subn(r"^model = MyCNN\(.*\)\s*$",
                      f"model = MyCNN(num_classes={num_classes}, stages={tuple(stages)}, stem_width={widths[0]}, "
-                     f"head_width={2 * widths[-1]})", text, flags=re.M)
+                     f"head_width={2 * widths[-1]}, input_size=None)", text, flags=re.M)
     assert n == 1, "architecture.py no longer ends with 'model = MyCNN(...)'"
     path = Path(path)
     path.write_text(new)
@@ -113,9 +114,10 @@ def train_tiny_teacher(data: Path, out: Path, fold: int = 0, folds: int = 3, see
 
 def distill_argv(data: Path, arch: Path, out: Path, work: Path, teachers=(), **flags) -> list[str]:
     """distill.py flags for a tiny run; keyword flags override (``views=2`` -> ``--views 2``,
-    True -> ``--flag``, False -> ``--no-flag``). The flip/shift views unless ``view_kind='mixed'``
-    (the default recipe's mixed views have their own tests, tests/test_mixviews.py)."""
-    base = {"views": 2, "view_kind": "shift", "epochs": 2, "batch_size": 8, "folds": 3, "val_fold": 0, "device": "cpu",
+    True -> ``--flag``, False -> ``--no-flag``). The views are distill.py's default kind (the
+    mixed views that ship), so every test exercises the default path unless it names
+    ``view_kind='shift'``."""
+    base = {"views": 2, "epochs": 2, "batch_size": 8, "folds": 3, "val_fold": 0, "device": "cpu",
             "checkpoint_every": 0, "lr": 0.3, "warmup_epochs": 0.5,
             "student_init": "none", "student_frozen_stages": 0}
     if flags.get("mode") == "online" and not flags.get("hard_labels"):  # no stored views: their options are refused
@@ -165,7 +167,8 @@ def serialise(obj) -> bytes:
 #                          file complete, before the rename (os.replace) that publishes it
 #   step:S, step:DESC:S    before training step S (global_step == S) of any run, or of the run
 #                          whose progress label starts with DESC
-#   targets:M              the M-th teacher's soft-target computation (before any checkpoint)
+#   targets:M              the M-th call labelling views with one teacher (shift or mixed views;
+#                          before any checkpoint)
 #   report                 when the evaluation report starts
 KILL_WRAPPER = r'''
 import fnmatch, os, signal, sys, time, runpy
@@ -207,9 +210,10 @@ elif point[0] == "step":
     import toolkit.engine as E
     desc, step = (point[1], int(point[2])) if len(point) == 3 else ("", int(point[1]))
     pause_in(E.Trainer, "train_step", lambda self, *a, **k: self.desc.startswith(desc) and self.global_step == step)
-elif point[0] == "targets":
-    import toolkit.ensemble as T
+elif point[0] == "targets":  # either path's per-teacher labelling: shift views, or mixed views
+    import toolkit.ensemble as T, toolkit.mixviews as M
     pause_in(T, "teacher_view_logits", lambda *a, **k: nth("t", int(point[1])))
+    pause_in(M, "teacher_mixed_logits", lambda *a, **k: nth("t", int(point[1])))
 elif point[0] == "report":
     import toolkit.evaluate as V
     pause_in(V, "main")

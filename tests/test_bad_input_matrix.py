@@ -327,7 +327,13 @@ def test_grader_data_missing(capsys, case):
 
 
 def test_nan_loss_is_one_line_and_keeps_model(capsys, case, monkeypatch):
-    monkeypatch.setattr(distill, "label_smoothing_ce", lambda logits, y, s: (logits * float("nan")).sum())
+    def poisoned(make):  # whichever path's loss (shift views or the default mixed views) turns NaN
+        def make_nan(*args, **kwargs):
+            loss_fn = make(*args, **kwargs)
+            return lambda net, idx, gen: {"loss": loss_fn(net, idx, gen)["loss"] * float("nan")}
+        return make_nan
+    monkeypatch.setattr(distill, "make_loss", poisoned(distill.make_loss))
+    monkeypatch.setattr(distill, "make_mixed_loss", poisoned(distill.make_mixed_loss))
     assert_refused(capsys, case, "distill.py", d_argv(case), 1, "non-finite loss", "no checkpoint was written yet")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +69,19 @@ def test_import_guard_is_real():
         server_namespace("from timm import create_model")
     ns = server_namespace("import math, collections.abc\nimport torch.nn as nn\nx = math.pi")
     assert ns["x"] == pytest.approx(3.14159, abs=1e-5)
+
+
+def test_shipped_instance_is_the_constructors_defaults(server):
+    """The defaults written in MyCNN.__init__ are the shipped student's: a newcomer who writes
+    MyCNN() gets the network model.pth was trained for (144 px inside, chunks of 16)."""
+    ns, model = server
+    default = ns["MyCNN"]()
+    assert (default.input_size, default.eval_chunk) == (model.input_size, model.eval_chunk)
+    assert default.dropout.p == model.dropout.p
+    assert {k: v.shape for k, v in default.state_dict().items()} == \
+        {k: v.shape for k, v in model.state_dict().items()}
+    assert re.search(r"^model = MyCNN\(\)", ARCH.read_text(), flags=re.M), \
+        "architecture.py's instance passes arguments: move them into the constructor's defaults"
 
 
 def test_class_model_and_weights_file(server):
@@ -216,7 +230,7 @@ def test_mycnn_equals_timm_efficientnet_lite0_with_the_same_weights():
     """Same parameter names, and the same outputs in train and eval mode (eval folds BatchNorm
     into the convolutions): ImageNet weights and timm-trained models load into MyCNN as is."""
     import timm
-    ours = server_namespace(ARCH.read_text(), str(ARCH))["MyCNN"]()
+    ours = server_namespace(ARCH.read_text(), str(ARCH))["MyCNN"](input_size=None)
     torch.manual_seed(0)
     theirs = timm.create_model("efficientnet_lite0", num_classes=20, in_chans=1, drop_rate=0.0)
     with torch.no_grad():  # non-trivial BatchNorm statistics, or folding is not exercised
@@ -240,7 +254,7 @@ def test_input_size_upsamples_inside_the_model():
     picture (no mean/std or resize is left to the server); other sizes scale alike."""
     ns = server_namespace(ARCH.read_text(), str(ARCH))
     torch.manual_seed(0)
-    native = ns["MyCNN"]().eval()
+    native = ns["MyCNN"](input_size=None).eval()
     upsampling = ns["MyCNN"](input_size=128).eval()
     upsampling.load_state_dict(native.state_dict())
     x = rand(3, 1, 100, 100, seed=6)

@@ -70,14 +70,18 @@ def check_outputs(world, out, n_teachers, recipe):
 # ----------------------------------------------------------------------------------------
 # End to end
 # ----------------------------------------------------------------------------------------
-def test_cached_mode_end_to_end(world, shared_cache, tmp_path):
+@pytest.mark.parametrize("view_kind, recipe", [("mixed", "mixed kd"), ("shift", "cached kd")])
+def test_cached_mode_end_to_end(world, shared_cache, tmp_path, view_kind, recipe):
     out, work = tmp_path / "out" / "model.pth", tmp_path / "work"
-    prov = distill.main(distill_argv(world.data, world.arch, out, work, world.teachers))
-    saved = check_outputs(world, out, 3, "cached kd")
+    prov = distill.main(distill_argv(world.data, world.arch, out, work, world.teachers, view_kind=view_kind))
+    saved = check_outputs(world, out, 3, recipe)
     assert prov["student_val"] == saved["student_val"]
     assert sorted(t["folder"] for t in saved["teachers"]) == sorted(map(str, world.teachers))
-    assert {"ensemble_val_acc", "target_train_acc", "oof_fraction"} <= set(saved["ensemble"])
-    assert saved["ensemble"]["oof_fraction"] == 1.0  # three fold teachers: every image has one
+    assert {"ensemble_val_acc", "target_train_acc"} <= set(saved["ensemble"])
+    if view_kind == "shift":
+        assert saved["ensemble"]["oof_fraction"] == 1.0  # three fold teachers: every image has one
+    else:
+        assert saved["config"]["view_kind"] == "mixed" and saved["ensemble"]["views"] == 2
     history = json.loads((work / "log.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2]
     assert (work / "config.yaml").is_file() and (work / "run_info.json").is_file()
@@ -87,7 +91,7 @@ def test_cached_mode_end_to_end(world, shared_cache, tmp_path):
 def test_online_mode_end_to_end(world, shared_cache, tmp_path, mixup):
     out = tmp_path / "model.pth"
     distill.main(distill_argv(world.data, world.arch, out, tmp_path / "work", world.teachers[:2],
-                              mode="online", mixup=mixup, epochs=1))
+                              mode="online", view_kind="shift", mixup=mixup, epochs=1))
     prov = check_outputs(world, out, 2, "online kd")
     assert prov["config"]["mixup"] == mixup
 
@@ -107,7 +111,7 @@ def test_mixup_objective_is_the_same_in_cached_and_online_mode(world, shared_cac
     for mode in ("cached", "online"):
         work = tmp_path / mode
         distill.main(distill_argv(world.data, world.arch, work / "model.pth", work, world.teachers, mode=mode,
-                                  mixup=0.4, temperature=2.0, alpha=0.5, epochs=1))
+                                  view_kind="shift", mixup=0.4, temperature=2.0, alpha=0.5, epochs=1))
         log = json.loads((work / "log.json").read_text())
         assert log[-1]["train_loss"] == pytest.approx(log[-1]["train_kd"])  # the loss is the T^2 KL term
     for mode in ("cached", "online"):
@@ -146,7 +150,7 @@ def test_student_frozen_stages_train_only_the_rest(world, shared_cache, tmp_path
     torch.manual_seed(0)  # distill.main seeds before building the student: same initial weights
     initial = exec_architecture(world.arch)["model"].state_dict()
     distill.main(distill_argv(world.data, world.arch, out, tmp_path / "work", [] if scratch else world.teachers,
-                              hard_labels=scratch, epochs=1, student_frozen_stages=2))
+                              hard_labels=scratch, epochs=1, student_frozen_stages=2, view_kind="shift"))
     trained = read_state(out)
     frozen = ("conv_stem.", "bn1.", "blocks.0.", "blocks.1.")
     for key, value in trained.items():
@@ -264,7 +268,7 @@ def test_distill_trains_on_the_ensembles_view_targets(world, shared_cache, tmp_p
         return seen["targets"]
     monkeypatch.setattr(toolkit.ensemble, "combine_view_targets", spy)
     distill.main(distill_argv(world.data, world.arch, tmp_path / "model.pth", tmp_path / "work", world.teachers,
-                              views=3, max_shift=6, view_seed=7, epochs=1))
+                              view_kind="shift", views=3, max_shift=6, view_seed=7, epochs=1))
     teachers = [load_teacher(t) for t in world.teachers]
     data = load_course_folder(world.data, classes=teachers[0].classes, progress=False)
     view_params = sample_view_params(len(data), 3, 6, 7)
@@ -389,7 +393,7 @@ def test_oof_mask_follows_each_teachers_own_folds(world, shared_cache, tmp_path,
         return real(member_logits, weights, mask, combine)
     monkeypatch.setattr(toolkit.ensemble, "combine_view_targets", spy)
     distill.main(distill_argv(world.data, world.arch, tmp_path / "model.pth", tmp_path / "work", world.teachers,
-                              folds=4, seed=1, epochs=1))
+                              view_kind="shift", folds=4, seed=1, epochs=1))
     teachers = [load_teacher(t) for t in world.teachers]
     data = load_course_folder(world.data, classes=teachers[0].classes, progress=False)
     teacher_folds = stratified_folds(data.labels, 3, 0)  # what train_teacher used (folds=3, seed=0)
@@ -523,7 +527,8 @@ def test_shared_trunk_logits_equal_full_forward_when_cache_is_cold(world, tmp_pa
     assert (warm.argmax(-1) == full.argmax(-1)).float().mean() >= 0.75
 
 
-def test_a_missing_teacher_trunk_cache_is_rebuilt_to_the_same_bits(world, tmp_path, monkeypatch):
+@pytest.mark.parametrize("view_kind", ["mixed", "shift"])
+def test_a_missing_teacher_trunk_cache_is_rebuilt_to_the_same_bits(world, tmp_path, monkeypatch, view_kind):
     """On a machine without the teachers' trunk caches (a fresh clone with the committed teachers),
     distillation rebuilds each cache exactly as train_teacher.py made it (the start weights in fp32,
     the same views and batches): the same features, bit for bit, and so the same student, bit for
@@ -544,8 +549,9 @@ def test_a_missing_teacher_trunk_cache_is_rebuilt_to_the_same_bits(world, tmp_pa
     assert len(original) == 1  # one recipe, one trunk file for its fold teachers
 
     def argv(out, work):
-        return distill_argv(world.data, world.arch, out, work, teachers, max_shift=8, view_seed=0, epochs=1,
-                            val_fold=-1)
+        shift = dict(max_shift=8) if view_kind == "shift" else {}
+        return distill_argv(world.data, world.arch, out, work, teachers, view_kind=view_kind, view_seed=0, epochs=1,
+                            val_fold=-1, **shift)
     distill.main(argv(tmp_path / "a" / "model.pth", tmp_path / "a" / "work"))  # where the teachers were trained
 
     fresh = tmp_path / "fresh-cache"  # another machine: the data cache only

@@ -355,7 +355,7 @@ def test_architecture_importing_numpy(folder, weights, tmp_path):
 
 def test_other_bad_inputs(folder, weights, teacher_dir, tmp_path):
     broken = tmp_path / "broken.py"
-    text, n = re.subn(r"^model = MyCNN\((.*)\)$", r"model = MyCNN(\1, stages=undefined_name)", ARCH.read_text(),
+    text, n = re.subn(r"^model = MyCNN\((.*)\)(.*)$", r"model = MyCNN(stages=undefined_name)", ARCH.read_text(),
                       flags=re.M)
     assert n == 1
     broken.write_text(text)

@@ -244,14 +244,15 @@ def test_sigkill_leaves_previous_model_and_resume_matches_uninterrupted(
 # ----------------------------------------------------------------------------------------
 # Reproducibility
 # ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("flags", [dict(), dict(mode="online", mixup=0.2), dict(hard_labels=True)],
-                         ids=["cached", "online-mixup", "scratch"])
+@pytest.mark.parametrize("flags", [dict(), dict(view_kind="shift"), dict(mode="online", view_kind="shift", mixup=0.2),
+                                   dict(hard_labels=True)],
+                         ids=["mixed", "shift", "online-mixup", "hard-labels"])
 def test_same_seed_gives_identical_student(world, shared_cache, tmp_path, flags):
     states, provs = [], []
     for i in range(2):
         out = tmp_path / f"run{i}" / "model.pth"
         provs.append(distill.main(distill_argv(world.data, world.arch, out, tmp_path / f"work{i}",
-                                               () if flags.get("scratch") else world.teachers, epochs=2, **flags)))
+                                               () if flags.get("hard_labels") else world.teachers, epochs=2, **flags)))
         states.append(read_state(out))
     assert same_state(*states), "same seed on CPU gave different weights"
     assert provs[0]["student_val"] == provs[1]["student_val"]

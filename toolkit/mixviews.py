@@ -265,7 +265,9 @@ def mixed_view_targets(ensemble, data, params: torch.Tensor, folds: torch.Tensor
     (``ensemble_val_acc``) and the targets on the training images' plain view (``target_train_acc``)."""
     import time
     from .ensemble import combine_view_targets, members_view_logits, oof_teacher_mask, teacher_records
+    from .augment import sample_view_params
     from .splits import val_seen_by_teachers
+    from .trunk import rebuild_own_trunk_cache
     t0 = time.time()
     teachers, labels = list(ensemble.teachers), data.labels
     images = data.rgb if target_input == "rgb" else data.grey
@@ -275,6 +277,10 @@ def mixed_view_targets(ensemble, data, params: torch.Tensor, folds: torch.Tensor
     member = torch.zeros(len(teachers), n_train, params.shape[1], len(ensemble.classes))     # (M, R, K, C)
     val_member = torch.zeros(len(teachers), len(val_idx), 1, len(ensemble.classes))
     plain = identity_views(len(data), 1)
+    if target_input == "rgb":  # a fresh clone with committed teachers: their own trunk caches are rebuilt
+        own = sample_view_params(len(data), 2, 0, 0)  # (identity, mirror), so the anchors' labels are
+        for teacher in teachers:                      # the same bits as where the teachers were trained
+            rebuild_own_trunk_cache(teacher, data.rgb, own, data.fingerprint, device)
     anchors = stored_anchor_columns(teachers, params, data.fingerprint) if target_input == "rgb" else []
     if anchors:  # the plain image and its mirror: the teachers' heads on their own trunk caches
         needed = mask.clone()
