@@ -16,7 +16,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import torch
+import torch.nn.functional as F
 
 from toolkit.augment import apply_views, mixup_cutmix, random_view_params, sample_view_params, trivial_augment
 from toolkit.cli import run_main
@@ -26,9 +29,10 @@ from toolkit.engine import (check_resume_of_finished, epoch_index_batches, make_
                             start_run, val_metrics)
 from toolkit.locks import hold_locks
 from toolkit.losses import label_smoothing_ce, soft_cross_entropy
+from toolkit.mixviews import mixed_hard_targets, mixed_trunk_features, sample_mixed_views, store_mixed_view_labels
 from toolkit.recipe import recipe_section, teacher_folder_name
 from toolkit.splits import ClassBalancedSampler, check_split, fold_split
-from toolkit.teachers import build_teacher, save_teacher
+from toolkit.teachers import build_teacher, load_teacher, save_teacher
 from toolkit.trunk import TrunkSplit, cached_trunk_features, teacher_trunk_key, trunk_cache_path
 
 
@@ -37,6 +41,7 @@ from toolkit.trunk import TrunkSplit, cached_trunk_features, teacher_trunk_key, 
 CACHED = (lambda c: c.trunk_cache and c.frozen_stages > 0, "a cached trunk (--trunk-cache, --frozen-stages > 0)")
 ONLINE = (lambda c: not (c.trunk_cache and c.frozen_stages > 0),
           "the online path (--no-trunk-cache or --frozen-stages 0)")
+MIXED = (lambda c: CACHED[0](c) and c.mixed_views > 0, "mixed views (--mixed-views > 0, a cached trunk)")
 
 
 # The fields below are the default recipe's teacher (toolkit/recipe.py: a recipe file, or
@@ -61,6 +66,16 @@ class TeacherConfig(TrainingRun):
     trunk_cache: bool = option(True, "cache the frozen trunk's features of --views fixed views")
     views: int = option(2, "cached views per image: identity, mirror, shifted crops", min=1, acts_on=CACHED)
     max_shift: int = option(8, "pixels, for shifted views / random translation", min=0, max=50)
+    mixed_views: int = option(0, "mixed views per image the head also trains on (crops mixed with another training "
+                              "image, labelled by mixing the labels), beyond --views; it then stores its labels of "
+                              "them for distill.py --views 2 + this (same --view-seed, rows); 0: off", min=0,
+                              acts_on=CACHED)
+    min_crop: float = option(0.35, "mixed views: smallest crop, as a fraction of the image's area (as distill.py)",
+                             min=0.05, max=1, acts_on=MIXED)
+    cutmix_prob: float = option(0.5, "mixed views: share mixed by CutMix, the rest by mixup (as distill.py)",
+                                min=0, max=1, acts_on=MIXED)
+    view_seed: int = option(0, "seed of the mixed views (distill.py's --view-seed draws the same ones)", min=0,
+                            acts_on=MIXED)
     trivial_augment: bool = option(False, "TrivialAugment", acts_on=ONLINE)
     mixup: float = option(0.0, "mixup alpha (0: off)", min=0, max=10, acts_on=ONLINE)
     cutmix: float = option(0.0, "cutmix alpha (0: off)", min=0, max=10, acts_on=ONLINE)
@@ -114,15 +129,21 @@ def train(cfg: TeacherConfig, env, device) -> dict:
     teacher = build_teacher(cfg.model, data.classes, cfg.input_mode, cfg.input_size, cfg.pretrained)
     model = TrunkSplit(teacher.backbone, cfg.frozen_stages) if cfg.frozen_stages > 0 else teacher.backbone
     teacher.to(device)  # (channels_last already: see Teacher)
-    features = None
+    features, mixed = None, None
     if cfg.trunk_cache and cfg.frozen_stages > 0:
         features = trunk_features(cfg, data, teacher, model, device, env.is_main)   # (N, K, C', h, w)
         model.takes_features = True
+    if features is not None and cfg.mixed_views > 0:  # the views distill.py asks this teacher to label
+        mixed = SimpleNamespace(params=sample_mixed_views(len(data), 2 + cfg.mixed_views, train_idx, cfg.view_seed, 2,
+                                                          cfg.min_crop, cfg.cutmix_prob)[:, 2:])     # (N, M, 15)
+        mixed.features = mixed_trunk_features(teacher, model, data.rgb, mixed.params, train_idx,
+                                              teacher_trunk_key(asdict(cfg), data.fingerprint), device,
+                                              save=env.is_main)                             # (R, M, C', h, w)
 
     # --- training --------------------------------------------------------------------------
     trainer = make_trainer(model, cfg, out, sampler, env, device, desc=f"teacher {out.name}",
                            fingerprint=data.fingerprint)
-    loss_fn = make_loss(cfg, data, teacher, features, device)
+    loss_fn = make_loss(cfg, data, teacher, features, device, mixed, train_idx)
 
     def evaluate(net):  # view 0 of the cached views is the identity
         net.eval()
@@ -147,19 +168,40 @@ def train(cfg: TeacherConfig, env, device) -> dict:
     # teacher.pth last: a folder that holds it is a finished teacher (the pipeline reuses it)
     save_run_config(out, config, run_info(cfg.seed, data.fingerprint))
     save_teacher(out, teacher, config, metrics, cfg.pretrained)
+    if mixed is not None:  # its labels of its mixed views, from the weights just saved: distill.py reads them
+        store_mixed_view_labels(load_teacher(out, device), data.rgb, mixed.params, train_idx, mixed.features,
+                                data.fingerprint, device)
     if not cfg.keep_checkpoint:
         trainer.remove_checkpoint()  # teacher.pth + config.yaml rebuild the teacher; 50-70 MB less
     print(f"teacher saved to {out}: {metrics}", flush=True)
     return metrics
 
 
-def make_loss(cfg: TeacherConfig, data, teacher, features, device):
-    """``loss_fn(net, idx, generator)``: on a random cached view's trunk features, or (no
-    trunk cache) on a random shifted/flipped view with TrivialAugment and mixup/cutmix."""
+def make_loss(cfg: TeacherConfig, data, teacher, features, device, mixed=None, train_idx=None):
+    """``loss_fn(net, idx, generator)``: on a random cached view's trunk features (with
+    ``mixed``, a view drawn from the --views cached views and the mixed ones, whose target is
+    the mixed label lam * y_i + (1 - lam) * y_partner, smoothed alike), or (no trunk cache) on a
+    random shifted/flipped view with TrivialAugment and mixup/cutmix."""
     def cached(net, idx, gen):  # a random cached view of each image: (B, C', h, w) features
         k = torch.randint(0, cfg.views, (len(idx),), generator=gen)
         logits = net(features[idx, k].float().to(device))
         return {"loss": label_smoothing_ce(logits, data.labels[idx].to(device), cfg.label_smoothing)}
+
+    if mixed is not None:
+        row_of = torch.full((len(data),), -1, dtype=torch.long)
+        row_of[train_idx] = torch.arange(len(train_idx))                       # image -> row of mixed.features
+        hard = mixed_hard_targets(data.labels, mixed.params, len(data.classes))                 # (N, M, C)
+
+    def cached_mixed(net, idx, gen):
+        k = torch.randint(0, cfg.views + cfg.mixed_views, (len(idx),), generator=gen)
+        plain, m = k < cfg.views, (k - cfg.views).clamp(min=0)
+        x = torch.empty((len(idx), *features.shape[2:]), dtype=features.dtype)                # (B, C', h, w)
+        x[plain] = features[idx[plain], k[plain]]
+        x[~plain] = mixed.features[row_of[idx[~plain]], m[~plain]]
+        target = F.one_hot(data.labels[idx], len(data.classes)).float()
+        target[~plain] = hard[idx[~plain], m[~plain]]
+        target = (1 - cfg.label_smoothing) * target + cfg.label_smoothing / len(data.classes)
+        return {"loss": soft_cross_entropy(net(x.float().to(device)), target.to(device))}
 
     def online(net, idx, gen):
         y = data.labels[idx].to(device)
@@ -172,7 +214,9 @@ def make_loss(cfg: TeacherConfig, data, teacher, features, device):
             return {"loss": soft_cross_entropy(net(x), target)}
         return {"loss": label_smoothing_ce(net(x), y, cfg.label_smoothing)}
 
-    return cached if features is not None else online
+    if features is None:
+        return online
+    return cached_mixed if mixed is not None else cached
 
 
 def trunk_features(cfg: TeacherConfig, data, teacher, split, device, verbose) -> torch.Tensor:

@@ -183,6 +183,68 @@ def _rows_digest(*tensors: torch.Tensor, text: str = "") -> str:
     return h.hexdigest()[:16]
 
 
+def teacher_weights_id(teacher) -> str:
+    """What a teacher's view labels are keyed by: its teacher.pth's sha256, or its weights."""
+    from .files import sha256_file
+    folder = getattr(teacher, "folder", None)
+    return sha256_file(Path(folder) / "teacher.pth") if folder else _rows_digest(
+        *[p.detach().float() for p in teacher.state_dict().values()])
+
+
+def view_labels_path(weights_id: str, column: torch.Tensor, rows: torch.Tensor, target_input: str,
+                     fingerprint: str) -> Path:
+    """The cache file of one teacher's logits on one view column ((R, 15) params of the rows
+    ``rows``): the one place that names 'view-labels' files."""
+    from .trunk import trunk_cache_path
+    return trunk_cache_path(_rows_digest(column, rows.long(), text=f"{weights_id}|{target_input}|{fingerprint}"),
+                            prefix="view-labels")
+
+
+@torch.no_grad()
+def mixed_trunk_features(teacher, split, images_u8: torch.Tensor, params: torch.Tensor, rows: torch.Tensor,
+                         trunk_key: str, device="cpu", save: bool = True) -> torch.Tensor:
+    """(len(rows), K, C', h, w) fp16 frozen-trunk features of the mixed views ``params`` ((N, K, 15))
+    of the images ``rows``, rendered from ``images_u8`` (train_teacher.py --mixed-views: the head
+    trains on them). Cached on disk ('mixed-trunk-<key>': the teacher's trunk key, the views, the
+    rows), so a teacher of the same trunk and views (another member's fold, a rerun) reuses them."""
+    from .io import atomic_save
+    from .trunk import compute_trunk_features, trunk_cache_path
+    rows = rows.long()
+    path = trunk_cache_path(_rows_digest(params[rows], rows, text=trunk_key), prefix="mixed-trunk")
+    if path.is_file():
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            if torch.equal(blob["view_params"], params[rows]) and torch.equal(blob["rows"], rows):
+                return blob["features"]
+        except Exception:
+            pass  # a corrupt cache file is recomputed and rewritten
+    features = compute_trunk_features(teacher, split, images_u8, params, device=device,
+                                      desc="trunk features of mixed views", rows=rows, render=render_views)
+    if save:
+        try:
+            atomic_save({"features": features, "view_params": params[rows], "rows": rows}, path)
+        except OSError:
+            pass  # a cache only saves time
+    return features
+
+
+@torch.no_grad()
+def store_mixed_view_labels(teacher, images_u8: torch.Tensor, params: torch.Tensor, rows: torch.Tensor,
+                            features: torch.Tensor, fingerprint: str, device="cpu") -> int:
+    """Label the mixed views a teacher trained on, with its saved weights: its head on their
+    cached trunk features ``features`` ((len(rows), K, C', h, w) of ``params`` (N, K, 15)). Each
+    column goes where ``teacher_mixed_logits`` looks it up (RGB renderings), so distill.py's
+    labelling of these very views is a cache read. -> the number of columns written."""
+    from .ensemble import teacher_view_logits
+    from .io import atomic_save
+    rows = rows.long()
+    logits = teacher_view_logits(teacher, images_u8, params[rows], features=features, device=device)  # (R, K, C)
+    weights_id = teacher_weights_id(teacher)
+    for j in range(params.shape[1]):
+        atomic_save(logits[:, j].half(), view_labels_path(weights_id, params[rows, j], rows, "rgb", fingerprint))
+    return params.shape[1]
+
+
 @torch.no_grad()
 def teacher_mixed_logits(teacher, images_u8: torch.Tensor, params: torch.Tensor, rows: torch.Tensor,
                          target_input: str = "rgb", fingerprint: str = "", device="cpu",
@@ -194,22 +256,17 @@ def teacher_mixed_logits(teacher, images_u8: torch.Tensor, params: torch.Tensor,
     ('view-labels-<key>': the teacher's weights file, that column's views, the rows, the input and
     the data), so each view of each teacher is labelled once, whichever set of views a run asks for."""
     from tqdm import tqdm
-    from .files import sha256_file
     from .io import atomic_save
     from .teachers import teacher_runner
-    from .trunk import trunk_cache_path
     if target_input not in ("rgb", "grey"):
         raise ValueError(f"target_input must be rgb or grey, got {target_input!r}")
-    folder = getattr(teacher, "folder", None)
-    weights_id = sha256_file(Path(folder) / "teacher.pth") if folder else _rows_digest(
-        *[p.detach().float() for p in teacher.state_dict().values()])
+    weights_id = teacher_weights_id(teacher)
     rows = rows.long()
     teacher.eval()
     columns = []
     for j in range(params.shape[1]):
         column = params[rows, j]                                                            # (R, 15)
-        path = trunk_cache_path(_rows_digest(column, rows, text=f"{weights_id}|{target_input}|{fingerprint}"),
-                                prefix="view-labels")
+        path = view_labels_path(weights_id, column, rows, target_input, fingerprint)
         if path.is_file():
             try:
                 columns.append(torch.load(path, map_location="cpu", weights_only=True))
