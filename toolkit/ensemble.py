@@ -1,9 +1,14 @@
 """The teachers' ensemble and the soft targets distillation learns from.
 
-``Ensemble`` averages the teachers' probabilities (optionally at a fitted temperature). For
-cached distillation, every teacher's logits on K fixed views of every image are computed once
-(through its frozen-trunk cache when it has one) and combined per image by the teachers that
-never trained on it (out-of-fold masks from each teacher's recorded k-fold).
+``Ensemble`` averages the teachers' probabilities by default (``mean_logits`` on request).
+For cached distillation every teacher's logits on K stored views of every image are computed
+once (through its frozen-trunk cache when it has one) and combined per image by the teachers
+allowed to label it (``combine_view_targets``, ``oof_teacher_mask``): the default teachers
+trained on every image, so all of them label every image (in-sample targets); fold teachers
+label only the images they never trained on. The default views are the mixed views of
+``toolkit/mixviews.py`` (which calls ``members_view_logits`` for the plain image and its
+mirror); the flip/shift views (``--view-kind shift``) and their options (``--calibrate``,
+``--ensemble-weights``) are handled here.
 """
 from __future__ import annotations
 
