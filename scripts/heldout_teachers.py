@@ -23,11 +23,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from toolkit.cli import run_main  # noqa: E402
 from toolkit.config import ConfigError  # noqa: E402
-from toolkit.data import load_course_folder  # noqa: E402
 from toolkit.ensemble import identity_view_logits  # noqa: E402
 from toolkit.io import atomic_write_text  # noqa: E402
-from toolkit.splits import check_teachers_held_out, fold_split  # noqa: E402
-from toolkit.teachers import load_teacher  # noqa: E402
+from toolkit.splits import load_held_out  # noqa: E402
 
 FIELDS = ("fold", "member", "accuracy", "nll")
 
@@ -41,15 +39,7 @@ def main(argv=None):
     parser.add_argument("--csv", default="", help="also write this fold's rows into this CSV file")
     parser.add_argument("--label", default="", help="prefix of the members' names in the CSV")
     args = parser.parse_args(argv)
-    if args.folds < 2:
-        raise ConfigError(f"--folds {args.folds}: a split needs at least 2 folds")
-    if not 0 <= args.fold < args.folds:
-        raise ConfigError(f"--fold {args.fold}: not a fold of a {args.folds}-fold split (0..{args.folds - 1})")
-
-    teachers = {folder: load_teacher(folder) for folder in args.teachers}  # all checked before any work
-    data = load_course_folder(args.data, progress=False)
-    folds, _, val = fold_split(data.labels, args.folds, 0, args.fold)
-    check_teachers_held_out(teachers, folds, data.labels, args.fold)
+    teachers, data, val = load_held_out(args.teachers, args.data, args.folds, args.fold)
     y = data.labels[val]
     names, logp, rows = [], [], []
 

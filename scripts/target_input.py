@@ -17,11 +17,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from toolkit.cli import run_main  # noqa: E402
-from toolkit.config import ConfigError  # noqa: E402
-from toolkit.data import load_course_folder  # noqa: E402
 from toolkit.mixviews import identity_views, teacher_mixed_logits  # noqa: E402
-from toolkit.splits import check_teachers_held_out, fold_split  # noqa: E402
-from toolkit.teachers import load_teacher  # noqa: E402
+from toolkit.splits import load_held_out  # noqa: E402
 
 
 def describe(log_p, y):
@@ -38,15 +35,7 @@ def main(argv=None):
     parser.add_argument("--val-fold", type=int, default=0, help="the held-out fold [0, folds)")
     parser.add_argument("--inputs", nargs="+", default=["rgb", "grey"], choices=["rgb", "grey"])
     args = parser.parse_args(argv)
-    if args.folds < 2:
-        raise ConfigError(f"--folds {args.folds}: a split needs at least 2 folds")
-    if not 0 <= args.val_fold < args.folds:
-        raise ConfigError(f"--val-fold {args.val_fold}: a {args.folds}-fold split has folds 0..{args.folds - 1}")
-
-    teachers = {folder: load_teacher(folder) for folder in args.teachers}  # all checked before any work
-    data = load_course_folder(args.data, progress=False)
-    folds, _, val = fold_split(data.labels, args.folds, 0, args.val_fold)
-    check_teachers_held_out(teachers, folds, data.labels, args.val_fold)
+    teachers, data, val = load_held_out(args.teachers, args.data, args.folds, args.val_fold, "--val-fold")
     y = data.labels[val]
 
     plain = identity_views(len(data), 1)

@@ -275,21 +275,29 @@ def kill_runs_when_paused(runs) -> None:
 
 
 @contextlib.contextmanager
-def tiny_world(root: Path, trunk_teacher: bool = False):
-    """A data folder, a 3-class student arch and three fold teachers (folds=3) under ``root``,
-    sharing one cache folder; torch single-threaded meanwhile. With ``trunk_teacher``, also one
-    teacher trained on its cached frozen trunk (2 views, max_shift 8, seed 0)."""
+def one_thread_with_cache(cache: Path):
+    """torch single-threaded (the same floats in-process and in subprocesses) and TOOLKIT_CACHE
+    set to ``cache`` while a module's fixture builds and uses its world."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("TOOLKIT_CACHE", str(root / "cache"))
-            data = make_course_folder(root / "data")
-            arch = write_arch(root / "arch.py")
-            teachers = [train_tiny_teacher(data, root / "teachers" / f"fold{f}", fold=f, folds=3) for f in range(3)]
-            trunk = (train_tiny_teacher(data, root / "trunk_teachers" / "fold1", fold=1, folds=3, frozen_stages=2)
-                     if trunk_teacher else None)
-            yield SimpleNamespace(root=root, cache=root / "cache", data=data, arch=arch, teachers=teachers,
-                                  trunk=trunk)
+            mp.setenv("TOOLKIT_CACHE", str(cache))
+            yield
     finally:
         torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def tiny_world(root: Path, trunk_teacher: bool = False):
+    """A data folder, a 3-class student arch and three fold teachers (folds=3) under ``root``,
+    sharing one cache folder; torch single-threaded meanwhile. With ``trunk_teacher``, also one
+    teacher trained on its cached frozen trunk (2 views, max_shift 8, seed 0)."""
+    with one_thread_with_cache(root / "cache"):
+        data = make_course_folder(root / "data")
+        arch = write_arch(root / "arch.py")
+        teachers = [train_tiny_teacher(data, root / "teachers" / f"fold{f}", fold=f, folds=3) for f in range(3)]
+        trunk = (train_tiny_teacher(data, root / "trunk_teachers" / "fold1", fold=1, folds=3, frozen_stages=2)
+                 if trunk_teacher else None)
+        yield SimpleNamespace(root=root, cache=root / "cache", data=data, arch=arch, teachers=teachers,
+                              trunk=trunk)

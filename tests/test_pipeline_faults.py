@@ -25,7 +25,8 @@ import yaml
 import pipeline
 from helpers import assert_one_line_error
 import helpers_distill
-from helpers_distill import ROOT, kill_runs_when_paused, make_course_folder, start_paused_run, write_arch
+from helpers_distill import (ROOT, kill_runs_when_paused, make_course_folder, one_thread_with_cache, start_paused_run,
+                             write_arch)
 from toolkit.cli import run_main
 from toolkit.locks import RunLockedError, hold_locks, lock_path
 
@@ -74,15 +75,9 @@ def pipeline_argv(world, run: Path, report: bool = False) -> list[str]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline-faults")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("TOOLKIT_CACHE", str(root / "unused-cache"))
-            data = make_course_folder(root / "data", counts={"book": 8, "car": 8, "cat": 8})
-            yield SimpleNamespace(root=root, data=data, recipe=tiny_recipe(root))
-    finally:
-        torch.set_num_threads(threads)
+    with one_thread_with_cache(root / "unused-cache"):
+        data = make_course_folder(root / "data", counts={"book": 8, "car": 8, "cat": 8})
+        yield SimpleNamespace(root=root, data=data, recipe=tiny_recipe(root))
 
 
 def start_paused(world, name: str, point: str, argv: list[str], cache: Path):

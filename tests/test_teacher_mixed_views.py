@@ -14,7 +14,7 @@ import torch
 
 import distill
 import train_teacher
-from helpers_distill import distill_argv, make_course_folder, train_tiny_teacher, write_arch
+from helpers_distill import distill_argv, make_course_folder, one_thread_with_cache, train_tiny_teacher, write_arch
 from toolkit.data import load_course_folder
 from toolkit.mixviews import mixed_hard_targets, render_views, sample_mixed_views, teacher_mixed_logits
 from toolkit.splits import fold_split
@@ -29,17 +29,11 @@ def world(tmp_path_factory):
     """A course folder and one teacher trained on every image (--fold -1) with --mixed-views 2,
     its cache folder kept."""
     root = tmp_path_factory.mktemp("teacher_mixed")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("TOOLKIT_CACHE", str(root / "cache"))
-            data = make_course_folder(root / "data")
-            teacher = train_tiny_teacher(data, root / "teacher", fold=-1, frozen_stages=2,
-                                         extra=["--mixed-views", str(MIXED), "--epochs", "2"])
-            yield root, data, teacher
-    finally:
-        torch.set_num_threads(threads)
+    with one_thread_with_cache(root / "cache"):
+        data = make_course_folder(root / "data")
+        teacher = train_tiny_teacher(data, root / "teacher", fold=-1, frozen_stages=2,
+                                     extra=["--mixed-views", str(MIXED), "--epochs", "2"])
+        yield root, data, teacher
 
 
 def test_the_mixed_trunk_cache_is_the_trunk_on_exactly_the_rendered_views(world):

@@ -153,3 +153,22 @@ def val_seen_by_teachers(teachers: list, folds: torch.Tensor, labels: torch.Tens
         log.warning(f"warning: {seen} of {len(val_idx)} val images were training images of some teacher: the "
                     "student's val accuracy is not a held-out estimate (teachers split with another --split-seed?)")
     return seen
+
+
+def load_held_out(teacher_folders: list[str], data_dir: str, folds: int, fold: int, fold_flag: str = "--fold"):
+    """The set-up of a held-out score (scripts/heldout_teachers.py, target_input.py): the flags
+    checked (ConfigError), every teacher loaded before the data is read, and a teacher that trained
+    on an image of fold ``fold`` of the seed-0 ``folds``-fold split refused.
+    -> ({folder: teacher}, data, val_idx)."""
+    from .config import ConfigError
+    from .data import load_course_folder
+    from .teachers import load_teacher
+    if folds < 2:
+        raise ConfigError(f"--folds {folds}: a split needs at least 2 folds")
+    if not 0 <= fold < folds:
+        raise ConfigError(f"{fold_flag} {fold}: a {folds}-fold split has folds 0..{folds - 1}")
+    teachers = {folder: load_teacher(folder) for folder in teacher_folders}
+    data = load_course_folder(data_dir, progress=False)
+    fold_ids, _, val_idx = fold_split(data.labels, folds, 0, fold)
+    check_teachers_held_out(teachers, fold_ids, data.labels, fold)
+    return teachers, data, val_idx
