@@ -346,3 +346,18 @@ def test_train_teachers_default_fold_follows_the_recipes_split():
     assert (folds.fold, folds.out) == (0, "teachers/lite0_224px_f0")
     student = parse_config(distill.DistillConfig, ["--recipe", str(ROOT / "recipes" / "fold_teachers.yaml")])
     assert (student.view_kind, student.views, student.epochs) == ("shift", 2, 10)  # the recipe shipped before
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "recipes").glob("*.yaml")))
+def test_every_committed_recipe_configures_both_scripts(recipe):
+    """Each file of recipes/ loads, and both scripts parse it (their own sections and fields); a
+    recipe whose teachers train on mixed views gives the student exactly those views (2 + M), so
+    distill.py reads the labels the teachers stored."""
+    path = str(ROOT / "recipes" / recipe)
+    load_recipe(path)
+    teacher = parse_config(train_teacher.TeacherConfig, ["--recipe", path])
+    student = parse_config(distill.DistillConfig, ["--recipe", path])
+    if teacher.mixed_views:
+        assert (student.view_kind, student.views) == ("mixed", 2 + teacher.mixed_views)
+        assert (student.view_seed, student.min_crop, student.cutmix_prob) == \
+            (teacher.view_seed, teacher.min_crop, teacher.cutmix_prob)
