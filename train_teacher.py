@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
 from types import SimpleNamespace
 
 import torch
