@@ -16,10 +16,11 @@ import distill
 import train_teacher
 from helpers_distill import distill_argv, make_course_folder, one_thread_with_cache, train_tiny_teacher, write_arch
 from toolkit.data import load_course_folder
-from toolkit.mixviews import mixed_hard_targets, render_views, sample_mixed_views, teacher_mixed_logits
+from toolkit.mixviews import (mixed_hard_targets, mixed_trunk_features, render_views, sample_mixed_views,
+                              teacher_mixed_logits)
 from toolkit.splits import fold_split
 from toolkit.teachers import load_teacher
-from toolkit.trunk import TrunkSplit
+from toolkit.trunk import TrunkSplit, teacher_trunk_key
 
 MIXED = 2  # mixed views per image besides the image and its mirror
 
@@ -53,6 +54,27 @@ def test_the_mixed_trunk_cache_is_the_trunk_on_exactly_the_rendered_views(world)
         with torch.no_grad():
             want = split.trunk(teacher.prepare(render_views(data.rgb, i, params[i, m])))[0]
         torch.testing.assert_close(blob["features"][row, m].float(), want, atol=2e-2, rtol=2e-2)
+
+
+def test_a_corrupt_mixed_trunk_cache_is_recomputed_and_rewritten(world, monkeypatch, tmp_path):
+    """The mixed views' cache goes through the trunk cache's own reader: a damaged file is
+    computed again from the teacher's trunk (not an error, not a silent wrong read) and rewritten."""
+    root, data_dir, folder = world
+    (good,) = (root / "cache").glob("mixed-trunk-*.pt")
+    want = torch.load(good, weights_only=True)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / good.name).write_bytes(good.read_bytes()[:1000])          # truncated: torch.load fails
+    monkeypatch.setenv("TOOLKIT_CACHE", str(cache))
+    data = load_course_folder(data_dir, progress=False)
+    _, train_idx, _ = fold_split(data.labels, 3, 0, -1)
+    params = sample_mixed_views(len(data), 2 + MIXED, train_idx, 0)[:, 2:]
+    teacher = load_teacher(folder)
+    key = teacher_trunk_key(teacher.config, data.fingerprint)
+    features = mixed_trunk_features(teacher, TrunkSplit(teacher.backbone, 2), data.rgb, params, train_idx, key)
+    torch.testing.assert_close(features.float(), want["features"].float(), atol=2e-2, rtol=2e-2)
+    again = torch.load(cache / good.name, weights_only=True)
+    assert torch.equal(again["features"], features) and torch.equal(again["rows"], train_idx)
 
 
 def test_the_head_trains_on_the_mixed_views_with_their_mixed_labels(world, monkeypatch, tmp_path):

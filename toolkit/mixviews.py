@@ -207,25 +207,11 @@ def mixed_trunk_features(teacher, split, images_u8: torch.Tensor, params: torch.
     of the images ``rows``, rendered from ``images_u8`` (train_teacher.py --mixed-views: the head
     trains on them). Cached on disk ('mixed-trunk-<key>': the teacher's trunk key, the views, the
     rows), so a teacher of the same trunk and views (another member's fold, a rerun) reuses them."""
-    from .io import atomic_save
-    from .trunk import compute_trunk_features, trunk_cache_path
+    from .trunk import cached_trunk_features, trunk_cache_path
     rows = rows.long()
     path = trunk_cache_path(_rows_digest(params[rows], rows, text=trunk_key), prefix="mixed-trunk")
-    if path.is_file():
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            if torch.equal(blob["view_params"], params[rows]) and torch.equal(blob["rows"], rows):
-                return blob["features"]
-        except Exception:
-            pass  # a corrupt cache file is recomputed and rewritten
-    features = compute_trunk_features(teacher, split, images_u8, params, device=device,
-                                      desc="trunk features of mixed views", rows=rows, render=render_views)
-    if save:
-        try:
-            atomic_save({"features": features, "view_params": params[rows], "rows": rows}, path)
-        except OSError:
-            pass  # a cache only saves time
-    return features
+    return cached_trunk_features(path, teacher, split, images_u8, params, device, save=save,
+                                 desc="trunk features of mixed views", rows=rows, render=render_views)
 
 
 @torch.no_grad()

@@ -165,24 +165,32 @@ def load_trunk_file(path: Path, mtime_ns: int) -> dict:
 
 def cached_trunk_features(path: Path, teacher, split: TrunkSplit, images_u8: torch.Tensor,
                           view_params: torch.Tensor, device: str | torch.device = "cpu",
-                          save: bool = True, desc: str = "trunk features") -> torch.Tensor:
+                          save: bool = True, desc: str = "trunk features",
+                          rows: torch.Tensor | None = None, render=_shift_views) -> torch.Tensor:
     """compute_trunk_features through an on-disk cache: ``path`` is used when it holds exactly
-    these views (its name must encode everything else the features depend on); otherwise the
-    features are computed and, with ``save`` (the main rank), written atomically to ``path``."""
+    these views (of exactly the images ``rows``, when given; its name must encode everything else
+    the features depend on); otherwise the features are computed and, with ``save`` (the main
+    rank), written atomically to ``path``."""
+    stored_params = view_params if rows is None else view_params[rows.long()]
     if path.is_file():
         try:
             blob = load_trunk_file(path, path.stat().st_mtime_ns)
-            if torch.equal(blob["view_params"], view_params):
+            if torch.equal(blob["view_params"], stored_params) and (
+                    rows is None or torch.equal(blob["rows"], rows.long())):
                 log.info(f"{desc}: reused {path.name} from the cache")
                 return blob["features"]
         except Exception as err:
             log.warning(f"warning: {path}: corrupt trunk cache ({type(err).__name__}); recomputing")
     t0 = time.time()
-    features = compute_trunk_features(teacher, split, images_u8, view_params, device=device, desc=desc)
+    features = compute_trunk_features(teacher, split, images_u8, view_params, device=device, desc=desc,
+                                      rows=rows, render=render)
     if save:
         log.info(f"{desc} {tuple(features.shape)} in {time.time() - t0:.0f}s")
+        blob = {"features": features, "view_params": stored_params}
+        if rows is not None:
+            blob["rows"] = rows.long()
         try:
-            atomic_save({"features": features, "view_params": view_params}, path)
+            atomic_save(blob, path)
         except OSError as err:  # a cache only saves time: a full disk or read-only cache folder is no failure
             log.warning(f"warning: {path}: trunk cache not written ({err.strerror or err}); "
                         "the features are used from memory and computed again by the next run")
